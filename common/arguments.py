@@ -1,0 +1,130 @@
+"""The command line every finetuning script shares: the recipe's flags and defaults plus the new ones.
+
+Flags are declared once here; a script only changes defaults (`num_crops`, say) and adds its own
+(`--full_train` for DocVQA). `validate_args` rejects invalid combinations up front, listing every
+problem at once, before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+RESUME_LATEST = "latest"
+
+
+def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
+    """The shared parser; keyword arguments override defaults (e.g. `num_crops=4`)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model and strategy")
+    model.add_argument("--model_name_or_path", default="microsoft/Phi-3.5-vision-instruct",
+                       help="hub id or local folder of an official-format Phi-3.5-vision checkpoint")
+    model.add_argument("--use_flash_attention", action="store_true",
+                       help="flash_attention_2 kernels (needs the flash-attn package and an Ampere+ GPU); default sdpa")
+    model.add_argument("--bf16", action="store_true", help="bf16 training; without it fp16 mixed precision (GPU)")
+    model.add_argument("--use_lora", action="store_true", help="train LoRA adapters instead of all weights")
+    model.add_argument("--use_qlora", action="store_true", help="4-bit nf4 base model with LoRA (implies --use_lora)")
+    model.add_argument("--lora_rank", type=int, default=64, help="LoRA rank")
+    model.add_argument("--lora_alpha_ratio", type=float, default=2, help="LoRA alpha = round(rank * ratio)")
+    model.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
+    model.add_argument("--freeze_vision_model", action="store_true",
+                       help="freeze the CLIP tower and the image projection")
+    model.add_argument("--num_crops", type=int, default=16, help="maximum number of 336x336 crops per image (<= 16)")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", default="./output/", help="where the model, checkpoints and evals go")
+    train.add_argument("--batch_size", type=int, default=16,
+                       help="global batch size: processes x batch_size_per_gpu x gradient accumulation")
+    train.add_argument("--batch_size_per_gpu", type=int, default=1,
+                       help="micro-batch per device; >1 pads sequences and image crops")
+    train.add_argument("--num_train_epochs", type=int, default=1, help="number of training epochs")
+    train.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs)")
+    train.add_argument("--learning_rate", type=float, default=4.0e-5, help="peak learning rate (AdamW)")
+    train.add_argument("--wd", type=float, default=0.01, help="weight decay")
+    train.add_argument("--warmup_steps", type=int, default=50, help="linear warm-up steps")
+    train.add_argument("--max_length", type=int, default=None,
+                       help="refuse samples longer than this many tokens (images included) with a clear error")
+    train.add_argument("--seed", type=int, default=42, help="random seed (data order, LoRA init)")
+    train.add_argument("--save_steps", type=int, default=0,
+                       help="save a resumable checkpoint every N optimizer steps (0: no intermediate checkpoints)")
+    train.add_argument("--save_total_limit", type=int, default=None, help="keep at most N checkpoints")
+    train.add_argument("--resume_from_checkpoint", nargs="?", const=RESUME_LATEST, default=None,
+                       help="resume from PATH, or from the newest checkpoint in output_dir when no PATH is given "
+                            "(the newest checkpoint is also picked up automatically)")
+    train.add_argument("--deepspeed", default=None,
+                       help="DeepSpeed config for full finetuning (default: ds_configs/zero2.json)")
+    train.add_argument("--report_to", default="none", help="none, tensorboard, wandb, ... (Trainer report_to)")
+    train.add_argument("--dataloader_num_workers", type=int, default=4, help="data loading worker processes")
+    train.add_argument("--logging_steps", type=int, default=10, help="log loss and learning rate every N steps")
+    train.add_argument("--no-tqdm", dest="tqdm", action="store_false", help="disable progress bars")
+
+    data = parser.add_argument_group("data and evaluation")
+    data.add_argument("--dataset_path", default=None,
+                      help="local copy of the task's dataset (save_to_disk folder, parquet or jsonl) instead of the hub")
+    data.add_argument("--data_dir", default=None,
+                      help="folder in the generic format: *_train.jsonl, *_val.jsonl and images/ (see README)")
+    data.add_argument("--eval_size", type=int, default=500, help="train rows held out for evaluation, where the "
+                      "dataset has no evaluation split")
+    data.add_argument("--max_eval_samples", type=int, default=None, help="evaluate on at most N samples")
+    data.add_argument("--eval_batch_size", type=int, default=None,
+                      help="generation batch per device (default: batch_size_per_gpu)")
+    data.add_argument("--max_new_tokens", type=int, default=64, help="generation length limit for evaluation")
+    data.add_argument("--skip_eval_before", action="store_true", help="skip the evaluation before training")
+    data.add_argument("--merge", action="store_true",
+                      help="after LoRA training, also write a merged standalone checkpoint to output_dir/merged")
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Normalise implied flags and raise one SystemExit that lists every problem."""
+    if args.use_qlora:
+        args.use_lora = True
+    problems = []
+    if not 1 <= args.num_crops <= 16:
+        problems.append(f"--num_crops must be between 1 and 16, got {args.num_crops}")
+    for flag in ("batch_size", "batch_size_per_gpu", "num_train_epochs", "lora_rank", "logging_steps"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    processes = world_size()
+    if args.batch_size >= 1 and args.batch_size_per_gpu >= 1 and args.batch_size % (processes * args.batch_size_per_gpu):
+        problems.append(
+            f"--batch_size {args.batch_size} must be divisible by processes ({processes}) x "
+            f"--batch_size_per_gpu ({args.batch_size_per_gpu})"
+        )
+    if not 0 <= args.lora_dropout < 1:
+        problems.append(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.lora_alpha_ratio <= 0:
+        problems.append(f"--lora_alpha_ratio must be positive, got {args.lora_alpha_ratio}")
+    if args.learning_rate <= 0:
+        problems.append(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.save_steps < 0:
+        problems.append(f"--save_steps must be >= 0, got {args.save_steps}")
+    if args.max_length is not None and args.max_length < 1:
+        problems.append(f"--max_length must be positive, got {args.max_length}")
+    if args.max_eval_samples is not None and args.max_eval_samples < 1:
+        problems.append(f"--max_eval_samples must be positive, got {args.max_eval_samples}")
+    if args.use_lora and args.deepspeed:
+        problems.append("--deepspeed is for full finetuning; LoRA/QLoRA train with DDP")
+    if args.merge and not args.use_lora:
+        problems.append("--merge only applies to LoRA/QLoRA runs (full finetuning already saves a full model)")
+    if args.dataset_path and args.data_dir:
+        problems.append("give either --dataset_path (task schema) or --data_dir (generic jsonl format), not both")
+    for flag in ("dataset_path", "data_dir", "deepspeed"):
+        path = getattr(args, flag)
+        if path and not os.path.exists(path):
+            problems.append(f"--{flag} {path} does not exist")
+    if (
+        args.resume_from_checkpoint not in (None, RESUME_LATEST)
+        and not os.path.isdir(args.resume_from_checkpoint)
+    ):
+        problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a folder")
+    if problems:
+        raise SystemExit("error: invalid arguments:\n  " + "\n  ".join(problems))
+    if args.eval_batch_size is None:
+        args.eval_batch_size = args.batch_size_per_gpu
+    return args

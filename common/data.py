@@ -1,0 +1,184 @@
+"""Task-independent samples and where they come from: the hub, a local copy, or the generic jsonl format.
+
+Every task turns its rows into `Sample`s: an id, conversation turns (each with its own images, a user
+text without image tags, and the assistant's answer) and the references the metric compares against.
+Images stay unopened (paths, bytes or PIL images) until a data-loader worker reads them with
+`open_image`, which names the sample and the file when one cannot be read.
+
+Generic format (written by convert_ucf101.py, usable for any task) — a folder with `*_train.jsonl`,
+`*_val.jsonl` and `images/`, one sample per line:
+    {"id": "val-0000000300", "source": "ucf101", "conversations": [{"images": ["val/x.0.jpg", ...],
+     "user": "Classify the video ...", "assistant": "BabyCrawling"}, ...]}
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+from PIL import Image
+from torch.utils.data import Dataset
+
+
+@dataclass
+class Turn:
+    user: str
+    assistant: str
+    images: list[Any] = field(default_factory=list)  # PIL images, paths, or {"bytes"/"path"} dicts
+
+
+@dataclass
+class Sample:
+    id: str
+    turns: list[Turn]
+    references: list[str] = field(default_factory=list)  # defaults to the last answer
+
+    def __post_init__(self):
+        if not self.turns:
+            raise ValueError(f"sample {self.id}: no conversation turns")
+        if not self.references:
+            self.references = [self.turns[-1].assistant]
+
+    @property
+    def images(self) -> list[Any]:
+        return [image for turn in self.turns for image in turn.images]
+
+
+def open_image(source: Any, sample_id: str, base_dir: Path | None = None) -> Image.Image:
+    """A fully decoded PIL image from any stored form; a ValueError names the sample and file otherwise."""
+    if isinstance(source, Image.Image):
+        return source
+    path = None
+    try:
+        if isinstance(source, dict) and source.get("bytes") is not None:
+            image = Image.open(io.BytesIO(source["bytes"]))
+        else:
+            path = Path(source["path"] if isinstance(source, dict) else source)
+            if base_dir is not None and not path.is_absolute():
+                path = base_dir / path
+            image = Image.open(path)
+        image.load()
+        return image
+    except (OSError, TypeError, KeyError) as error:
+        raise ValueError(f"sample {sample_id}: cannot read image {path or '<embedded bytes>'}: {error}") from error
+
+
+class SampleDataset(Dataset):
+    """Rows of any indexable source turned into `Sample`s with fully loaded images, lazily per item."""
+
+    def __init__(self, rows: Sequence, to_sample: Callable[[Any, int], Sample], base_dir: Path | None = None):
+        self.rows = rows
+        self.to_sample = to_sample
+        self.base_dir = base_dir
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Sample:
+        sample = self.to_sample(self.rows[index], index)
+        for turn in sample.turns:
+            turn.images = [open_image(image, sample.id, self.base_dir) for image in turn.images]
+        return sample
+
+    def subset(self, indices: Sequence[int]) -> SampleDataset:
+        rows = self.rows.select(indices) if isinstance(self.rows, datasets.Dataset) else [self.rows[i] for i in indices]
+        return SampleDataset(rows, self.to_sample, self.base_dir)
+
+
+# ---- hub datasets and their local copies -------------------------------------------------------------
+
+_FILE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+
+
+def load_split(hub_id: str, subset: str | None, split: str, dataset_path: str | None = None) -> datasets.Dataset:
+    """One split of a dataset: from the hub by name, or with `dataset_path` from local disk in the same schema.
+
+    Local forms: a `save_to_disk` folder (DatasetDict or Dataset), a parquet/jsonl file (the train split), or
+    a folder of `{split}*.parquet|jsonl` files.
+    """
+    if dataset_path is None:
+        return datasets.load_dataset(hub_id, subset, split=split)
+    path = Path(dataset_path)
+    if (path / "dataset_dict.json").exists():
+        splits = datasets.load_from_disk(str(path))
+        if split not in splits:
+            raise ValueError(f"{path} has splits {sorted(splits)}, not {split!r}")
+        return splits[split]
+    if (path / "state.json").exists():
+        return _only_train(datasets.load_from_disk(str(path)), path, split)
+    if path.is_file():
+        return _only_train(_load_files([path]), path, split)
+    files = sorted(f for f in path.iterdir() if f.name.startswith(split) and f.suffix in _FILE_FORMATS)
+    if not files:
+        raise ValueError(f"{path}: no {split}*.parquet or {split}*.jsonl files (and not a save_to_disk folder)")
+    return _load_files(files)
+
+
+def _only_train(dataset: datasets.Dataset, path: Path, split: str) -> datasets.Dataset:
+    if split != "train":
+        raise ValueError(f"{path} holds a single split, used as 'train'; the task also needs {split!r}")
+    return dataset
+
+
+def _load_files(files: list[Path]) -> datasets.Dataset:
+    formats = {_FILE_FORMATS.get(f.suffix) for f in files}
+    if len(formats) != 1 or None in formats:
+        raise ValueError(f"expected parquet or jsonl files of one kind, got {[f.name for f in files]}")
+    return datasets.load_dataset(formats.pop(), data_files=[str(f) for f in files], split="train")
+
+
+def base_dir_of(dataset_path: str | None) -> Path | None:
+    """Relative image paths in local jsonl/parquet files are relative to the file's folder."""
+    if dataset_path is None:
+        return None
+    path = Path(dataset_path)
+    return path.parent if path.is_file() else path
+
+
+# ---- the generic jsonl format -----------------------------------------------------------------------
+
+
+def read_conversation_jsonl(path: Path) -> list[Sample]:
+    """Samples of one generic-format jsonl file; a ValueError names the file and line of a bad record."""
+    samples = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                turns = [
+                    Turn(user=str(turn["user"]), assistant=str(turn["assistant"]), images=list(turn.get("images", [])))
+                    for turn in record["conversations"]
+                ]
+                samples.append(Sample(id=str(record.get("id", f"{path.stem}-{number}")), turns=turns))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"{path}:{number}: not a valid sample ({error!r})") from error
+    if not samples:
+        raise ValueError(f"{path}: no samples")
+    return samples
+
+
+def find_split_file(data_dir: Path, split: str) -> Path:
+    matches = sorted(data_dir.glob(f"*{split}.jsonl"))
+    if len(matches) != 1:
+        raise ValueError(f"{data_dir}: expected exactly one *{split}.jsonl file, found {[m.name for m in matches]}")
+    return matches[0]
+
+
+def load_conversation_splits(data_dir: str) -> tuple[SampleDataset, SampleDataset]:
+    """(train, eval) from a generic-format folder: `*_train.jsonl`, `*_val.jsonl`, images under images/."""
+    root = Path(data_dir)
+    train, evaluation = (read_conversation_jsonl(find_split_file(root, split)) for split in ("train", "val"))
+    return (SampleDataset(train, _identity, root / "images"), SampleDataset(evaluation, _identity, root / "images"))
+
+
+def _identity(sample: Sample, index: int) -> Sample:
+    # Fresh turn objects: opening images must not mutate the stored (path-holding) sample.
+    return Sample(id=sample.id, turns=[Turn(t.user, t.assistant, list(t.images)) for t in sample.turns],
+                  references=list(sample.references))

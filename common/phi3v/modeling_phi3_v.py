@@ -1,0 +1,236 @@
+"""Phi-3-V (Phi-3.5-vision): transformers' Phi-3 decoder and CLIP vision tower, joined by the HD image embedding.
+
+The module tree and parameter names are the official checkpoint's:
+
+    model.embed_tokens, model.layers.*, model.norm, lm_head             <- transformers' Phi-3
+    model.vision_embed_tokens.img_processor.vision_model.*              <- transformers' CLIP vision model
+    model.vision_embed_tokens.{glb_GN, sub_GN, img_projection.0/.2}     <- HD layout and projection
+
+Prompts mark image N of a sample with a span of `-N` token ids (see `Phi3VProcessor`). The forward pass
+embeds the text, computes each image's features and writes them over those spans
+(`Phi3VModel.merge_image_features`), then runs the Phi-3 decoder on the merged embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import CLIPVisionModel
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
+
+from .configuration_phi3_v import Phi3VConfig
+
+
+class Phi3VVisionTower(nn.Module):
+    """Holds the CLIP model under the attribute name of the official checkpoints (`img_processor.vision_model`)."""
+
+    def __init__(self, config: Phi3VConfig):
+        super().__init__()
+        self.vision_model = CLIPVisionModel(config.vision_config)
+
+    def forward(self, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
+        """(N, 3, S, S) crops -> (N, num_patches, C) patch features of CLIP hidden state `feature_layer`."""
+        outputs = self.vision_model(pixel_values, output_hidden_states=True)
+        return outputs.hidden_states[feature_layer][:, 1:]
+
+
+class Phi3VImageEmbedding(nn.Module):
+    """Turns HD-transformed images into decoder embeddings, as the original `vision_embed_tokens`.
+
+    Each crop gives a 24x24 patch grid; 2x2 neighbouring patches are concatenated (12x12 tokens of 4C).
+    The crops are tiled back into the image's (h x w) grid, a learnable `sub_GN` token closes every row,
+    and the global 336x336 view gets the same treatment. The image's tokens are
+    `[sub-image rows, glb_GN, global rows]` (`sub_glb`, Phi-3.5) or the reverse (`glb_sub`), then an MLP
+    projects them to the decoder width: `(h*w + 1) * 144 + 1 + (h + 1) * 12` tokens per image.
+    """
+
+    def __init__(self, config: Phi3VConfig):
+        super().__init__()
+        channels = config.img_processor["image_dim_out"]
+        self.crop_size = config.vision_config.image_size
+        self.feature_layer = config.vision_feature_layer
+        self.hd_transform_order = config.embd_layer["hd_transform_order"]
+        self.img_processor = Phi3VVisionTower(config)
+        self.glb_GN = nn.Parameter(torch.zeros(1, 1, channels * 4))
+        self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, channels * 4))
+        self.img_projection = nn.Sequential(
+            nn.Linear(channels * 4, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
+        )
+
+    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """pixel_values (num_images, max_crops, 3, S, S), image_sizes (num_images, 2) [[h, w]] in pixels
+        -> one (num_img_tokens_i, hidden_size) tensor per image."""
+        grids = [(int(h) // self.crop_size, int(w) // self.crop_size) for h, w in image_sizes.tolist()]
+        # Only the global view and the real crops go through CLIP; the zero padding crops never matter.
+        crops = torch.cat([pixel_values[i, : 1 + rows * cols] for i, (rows, cols) in enumerate(grids)])
+        features = self.img_processor(crops.to(self._tower_dtype()), self.feature_layer)
+        per_image = torch.split(features, [1 + rows * cols for rows, cols in grids])
+        tokens = [self._hd_layout(image_features, rows, cols) for image_features, (rows, cols) in zip(per_image, grids)]
+        projected = self.img_projection(torch.cat(tokens).to(self.img_projection[0].weight.dtype))
+        return list(torch.split(projected, [len(t) for t in tokens]))
+
+    def _tower_dtype(self) -> torch.dtype:
+        return self.img_processor.vision_model.embeddings.patch_embedding.weight.dtype
+
+    def _hd_layout(self, features: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """features (1 + rows*cols, P*P, C) of one image -> (num_img_tokens, 4C) token sequence."""
+        side = int(features.shape[1] ** 0.5)
+        half = side // 2
+        merged = (
+            features.reshape(-1, half, 2, half, 2, features.shape[-1])
+            .permute(0, 1, 3, 2, 4, 5)
+            .reshape(-1, half, half, 4 * features.shape[-1])
+        )
+        global_grid = merged[0]
+        sub_grid = merged[1:].reshape(rows, cols, half, half, -1).permute(0, 2, 1, 3, 4)
+        sub_grid = sub_grid.reshape(rows * half, cols * half, -1)
+        global_tokens = self._close_rows(global_grid)
+        sub_tokens = self._close_rows(sub_grid)
+        separator = self.glb_GN[0].to(features.dtype)
+        if self.hd_transform_order == "sub_glb":
+            return torch.cat([sub_tokens, separator, global_tokens])
+        return torch.cat([global_tokens, separator, sub_tokens])
+
+    def _close_rows(self, grid: torch.Tensor) -> torch.Tensor:
+        """(R, W, 4C) grid -> (R * (W + 1), 4C): a `sub_GN` token after every row, as the original."""
+        row_end = self.sub_GN[0].to(grid.dtype).expand(grid.shape[0], 1, -1)
+        return torch.cat([grid, row_end], dim=1).reshape(-1, grid.shape[-1])
+
+
+class Phi3VPreTrainedModel(Phi3PreTrainedModel):
+    config: Phi3VConfig
+    config_class = Phi3VConfig
+    _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
+    # Some finetuned copies carry the embedding twice, under the original's alias for the shared table.
+    _keys_to_ignore_on_load_unexpected = [r"model\.vision_embed_tokens\.wte\.weight"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, Phi3VImageEmbedding):
+            nn.init.zeros_(module.glb_GN)
+            nn.init.zeros_(module.sub_GN)
+
+
+class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
+    """The Phi-3 decoder with the image embedding in front of it."""
+
+    def __init__(self, config: Phi3VConfig):
+        super().__init__(config)
+        self.vision_embed_tokens = Phi3VImageEmbedding(config)
+        self.post_init()
+
+    def merge_image_features(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Write image features over the `-N` placeholder spans of `input_ids`.
+
+        `image_features` holds the images of all samples in order (sample 0's images 1..n0, then sample 1's,
+        ...). Within a sample, a span of `-N` takes image N; a tag may be repeated. Every span must be exactly
+        as long as its image's features, and every image must be used.
+        """
+        rows, cols = (input_ids < 0).nonzero(as_tuple=True)
+        tags = -input_ids[rows, cols]
+        images_per_sample = torch.zeros(input_ids.shape[0], dtype=tags.dtype, device=tags.device)
+        images_per_sample = images_per_sample.scatter_reduce(0, rows, tags, reduce="amax")
+        if int(images_per_sample.sum()) != len(image_features):
+            raise ValueError(
+                f"input_ids reference {int(images_per_sample.sum())} images (placeholders per sample: "
+                f"{images_per_sample.tolist()}) but pixel_values hold {len(image_features)}"
+            )
+        image_index = (images_per_sample.cumsum(0) - images_per_sample)[rows] + tags - 1
+
+        starts_span = torch.ones_like(rows, dtype=torch.bool)
+        starts_span[1:] = (image_index[1:] != image_index[:-1]) | (cols[1:] != cols[:-1] + 1)
+        span_id = starts_span.cumsum(0) - 1
+        span_start = starts_span.nonzero().squeeze(1)
+        span_image = image_index[span_start]
+        lengths = torch.tensor([len(f) for f in image_features], device=tags.device)
+        span_lengths = torch.bincount(span_id)
+        if not torch.equal(span_lengths, lengths[span_image]):
+            bad = int((span_lengths != lengths[span_image]).nonzero()[0])
+            raise ValueError(
+                f"sample {int(rows[span_start[bad]])}: the span of image {int(tags[span_start[bad]])} has "
+                f"{int(span_lengths[bad])} placeholder tokens but the image has {int(lengths[span_image[bad]])} "
+                "features (image_sizes or num_crops do not match the prompt)"
+            )
+        offset_in_span = torch.arange(len(rows), device=rows.device) - span_start[span_id]
+        feature_start = lengths.cumsum(0) - lengths
+        flat_features = torch.cat(image_features).to(inputs_embeds.dtype)
+        return inputs_embeds.index_put((rows, cols), flat_features[feature_start[image_index] + offset_in_span])
+
+    def embed_inputs(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Token embeddings with image features merged in; placeholder ids embed as token 0 before merging."""
+        has_placeholders = bool((input_ids < 0).any())
+        if has_placeholders != (pixel_values is not None):
+            raise ValueError(
+                "input_ids contain image placeholders but no pixel_values were given"
+                if has_placeholders
+                else "pixel_values were given but input_ids contain no image placeholders (<|image_N|> tags)"
+            )
+        inputs_embeds = self.embed_tokens(input_ids.clamp(min=0))
+        if pixel_values is None:
+            return inputs_embeds
+        if image_sizes is None:
+            raise ValueError("pixel_values need image_sizes (the processor returns both)")
+        image_features = self.vision_embed_tokens(pixel_values, image_sizes)
+        merged = self.merge_image_features(input_ids, inputs_embeds, image_features)
+        return nn.functional.dropout(merged, p=self.config.embd_pdrop, training=self.training)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if input_ids is not None and inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
+        return super().forward(inputs_embeds=inputs_embeds, **kwargs)
+
+    def trim_unused_vision_layers(self) -> None:
+        """Drop the CLIP layers after the feature layer and the final layer norm.
+
+        They never influence the output, but DDP and ZeRO treat parameters without gradients as errors or
+        waste; the original recipe deleted them before LoRA for the same reason.
+        """
+        clip = self.vision_embed_tokens.img_processor.vision_model
+        feature_layer = self.vision_embed_tokens.feature_layer
+        del clip.encoder.layers[feature_layer:]
+        clip.post_layernorm = nn.Identity()
+
+
+class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
+    """Phi-3-V with the language modelling head; `generate` works as for any transformers causal LM."""
+
+    def __init__(self, config: Phi3VConfig):
+        # Skip Phi3ForCausalLM.__init__, which would build a text-only decoder only to replace it.
+        Phi3PreTrainedModel.__init__(self, config)
+        self.model = Phi3VModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, **kwargs):
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(num_images, num_crops + 1, 3, 336, 336)`, *optional*):
+            All images of the batch in sample order, as returned by `Phi3VProcessor`.
+        image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*):
+            Height and width of each image after the HD transform.
+        """
+        return super().forward(input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        # The original keeps the KV cache when generation crosses `original_max_position_embeddings`;
+        # transformers' Phi-3 would recompute everything then. Follow the original.
+        return GenerationMixin.prepare_inputs_for_generation(self, *args, **kwargs)
+
+    def trim_unused_vision_layers(self) -> None:
+        self.model.trim_unused_vision_layers()
+
+
+__all__ = ["Phi3VForCausalLM", "Phi3VModel", "Phi3VPreTrainedModel"]

@@ -1,0 +1,104 @@
+"""The training strategy of a run — full, frozen vision, LoRA or QLoRA — and the one builder that applies it.
+
+`TrainingStrategy.from_args` resolves the flags into one value; `quantization_config` and `lora_config`
+are pure helpers returning a config or None; `build_model` loads the checkpoint and prepares it for
+training. Scripts never branch on the strategy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+
+from .precision import Precision
+
+logger = logging.getLogger(__name__)
+
+LANGUAGE_LORA_TARGETS = ["qkv_proj", "o_proj", "down_proj", "gate_up_proj", "lm_head"]
+VISION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "img_projection.0", "img_projection.2"]
+
+
+@dataclass(frozen=True)
+class TrainingStrategy:
+    lora: bool
+    quantize_4bit: bool
+    freeze_vision: bool
+
+    @classmethod
+    def from_args(cls, args) -> TrainingStrategy:
+        return cls(lora=args.use_lora or args.use_qlora, quantize_4bit=args.use_qlora, freeze_vision=args.freeze_vision_model)
+
+    @property
+    def name(self) -> str:
+        base = "QLoRA" if self.quantize_4bit else "LoRA" if self.lora else "full finetuning"
+        return f"{base} (frozen vision)" if self.freeze_vision else base
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        """The recipe trains all weights under ZeRO-2 and adapters under plain DDP."""
+        return not self.lora
+
+
+def quantization_config(strategy: TrainingStrategy, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if not strategy.quantize_4bit:
+        return None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+
+
+def lora_config(strategy: TrainingStrategy, rank: int, alpha_ratio: float, dropout: float) -> LoraConfig | None:
+    if not strategy.lora:
+        return None
+    targets = LANGUAGE_LORA_TARGETS + ([] if strategy.freeze_vision else VISION_LORA_TARGETS)
+    return LoraConfig(
+        r=rank,
+        lora_alpha=round(rank * alpha_ratio),
+        lora_dropout=dropout,
+        target_modules=targets,
+        init_lora_weights="gaussian",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_model(
+    model_name_or_path: str,
+    precision: Precision,
+    quantization: BitsAndBytesConfig | None = None,
+    adapter_path: str | None = None,
+) -> PreTrainedModel:
+    """Load an official-format checkpoint (and optionally a LoRA adapter on top) with our native code."""
+    device_map = None
+    if quantization is not None and torch.cuda.is_available():
+        device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    model = AutoModelForCausalLM.from_pretrained(
+        model_name_or_path,
+        dtype=precision.load_dtype,
+        attn_implementation=precision.attn_implementation,
+        quantization_config=quantization,
+        device_map=device_map,
+    )
+    if adapter_path is not None:
+        model = PeftModel.from_pretrained(model, adapter_path)
+    return model
+
+
+def build_model(args, strategy: TrainingStrategy, precision: Precision) -> PreTrainedModel:
+    """Load the base model and make exactly the strategy's parameters trainable."""
+    model = load_model(args.model_name_or_path, precision, quantization_config(strategy, precision.compute_dtype))
+    model.config.use_cache = False  # the KV cache is useless with gradient checkpointing
+    adapters = lora_config(strategy, args.lora_rank, args.lora_alpha_ratio, args.lora_dropout)
+    if adapters is not None:
+        model.trim_unused_vision_layers()  # DDP rejects parameters that never get a gradient
+        model.enable_input_require_grads()
+        model = get_peft_model(model, adapters)
+    if strategy.freeze_vision:
+        vision = model.get_base_model() if isinstance(model, PeftModel) else model
+        vision.model.vision_embed_tokens.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("%s: %s of %s parameters trainable", strategy.name, f"{trainable:,}", f"{total:,}")
+    return model
