@@ -182,3 +182,28 @@ def _identity(sample: Sample, index: int) -> Sample:
     # Fresh turn objects: opening images must not mutate the stored (path-holding) sample.
     return Sample(id=sample.id, turns=[Turn(t.user, t.assistant, list(t.images)) for t in sample.turns],
                   references=list(sample.references))
+
+
+# ---- the_cauldron subsets (hateful memes, NLVR2) ------------------------------------------------------
+
+
+def load_cauldron_splits(subset: str, dataset_path: str | None, eval_size: int) -> tuple[SampleDataset, SampleDataset]:
+    """(train, eval) of a HuggingFaceM4/the_cauldron subset, which has only a train split: its first
+    `eval_size` rows are held out for evaluation, as the recipe. Rows: `images` (list) and `texts`
+    ([{"user", "assistant"}, ...], one turn each)."""
+    rows = load_split("HuggingFaceM4/the_cauldron", subset, "train", dataset_path)
+    held_out = min(eval_size, len(rows))
+
+    def converter(offset: int):
+        def to_sample(row, index: int) -> Sample:
+            texts = row["texts"]
+            turns = [Turn(t["user"], t["assistant"], list(row["images"]) if i == 0 else []) for i, t in enumerate(texts)]
+            return Sample(id=f"{subset}-{offset + index}", turns=turns)
+
+        return to_sample
+
+    base_dir = base_dir_of(dataset_path)
+    return (
+        SampleDataset(rows.select(range(held_out, len(rows))), converter(held_out), base_dir),
+        SampleDataset(rows.select(range(held_out)), converter(0), base_dir),
+    )

@@ -215,14 +215,39 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        **kwargs,
+    ):
         r"""
         pixel_values (`torch.FloatTensor` of shape `(num_images, num_crops + 1, 3, 336, 336)`, *optional*):
             All images of the batch in sample order, as returned by `Phi3VProcessor`.
         image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*):
             Height and width of each image after the HD transform.
         """
-        return super().forward(input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, **kwargs)
+        # The explicit signature matters: `generate` derives position_ids from the attention mask (left
+        # padding) only for models whose forward names `position_ids`.
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            **kwargs,
+        )
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         # The original keeps the KV cache when generation crosses `original_max_position_embeddings`;

@@ -1,0 +1,135 @@
+"""Batches of `Sample`s for training (prompt + answers, labelled) and for evaluation (prompts to complete).
+
+Token layout of a conversation, as the recipe builds it: for every turn, the chat-templated user message
+(its images' `<|image_N|>` tags first, numbered across the whole conversation) ending in `<|assistant|>\n`,
+encoded by the processor (BOS at the start and after every image); then the answer followed by `<|end|>\n`
+(the last one by `<|end|>\n<|endoftext|>`), tokenized without special tokens. Labels are the answer tokens;
+prompts, image spans and padding are -100. Labels come from this layout, never from comparing ids with the
+pad id, so an `<|endoftext|>` that doubles as pad is still learnt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data import Sample
+
+IGNORE_INDEX = -100
+
+
+def image_tags(first_number: int, count: int) -> str:
+    return "".join(f"<|image_{first_number + k}|>\n" for k in range(count))
+
+
+class ConversationEncoder:
+    """Turns one sample into token ids and labels; shared by the training and evaluation collators."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+
+    def encode(self, sample: Sample, tokens_per_image: list[int], with_last_answer: bool) -> tuple[list[int], list[int]]:
+        input_ids, labels = [], []
+        images_so_far = 0
+        for number, turn in enumerate(sample.turns, start=1):
+            content = image_tags(images_so_far + 1, len(turn.images)) + turn.user
+            images_so_far += len(turn.images)
+            prompt = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+            prompt_ids = self.processor.encode_prompt(prompt, tokens_per_image)
+            input_ids += prompt_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids)
+            is_last = number == len(sample.turns)
+            if is_last and not with_last_answer:
+                break
+            answer = turn.assistant + "<|end|>\n" + ("<|endoftext|>" if is_last else "")
+            answer_ids = self.tokenizer(answer, add_special_tokens=False).input_ids
+            input_ids += answer_ids
+            labels += answer_ids
+        return input_ids, labels
+
+    def encode_batch(self, samples: list[Sample], with_last_answer: bool):
+        """-> (per-sample ids, per-sample labels, image inputs of all samples or None)."""
+        images = [image for sample in samples for image in sample.images]
+        image_inputs = self.processor.image_processor(images) if images else None
+        counts = image_inputs["num_img_tokens"] if image_inputs else []
+        ids, labels, first = [], [], 0
+        for sample in samples:
+            own_counts = counts[first : first + len(sample.images)]
+            first += len(sample.images)
+            try:
+                sample_ids, sample_labels = self.encode(sample, own_counts, with_last_answer)
+            except ValueError as error:
+                raise ValueError(f"sample {sample.id}: {error}") from error
+            ids.append(sample_ids)
+            labels.append(sample_labels)
+        return ids, labels, image_inputs
+
+
+def pad(sequences: list[list[int]], value: int, side: str) -> torch.Tensor:
+    length = max(map(len, sequences))
+    out = torch.full((len(sequences), length), value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        start = 0 if side == "right" else length - len(sequence)
+        out[row, start : start + len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return out
+
+
+def _with_images(batch: dict, image_inputs) -> dict:
+    if image_inputs is not None:
+        batch["pixel_values"] = image_inputs["pixel_values"]
+        batch["image_sizes"] = image_inputs["image_sizes"]
+    return batch
+
+
+class Phi3VTrainCollator:
+    """`Sample`s -> training batch.
+
+    Returns input_ids, attention_mask and labels (B, L) long, right-padded (pad id, mask 0, label -100), and,
+    when any sample has images, pixel_values (N, num_crops+1, 3, 336, 336) and image_sizes (N, 2) for the
+    batch's N images in sample order. Samples with and without images may share a batch.
+    """
+
+    def __init__(self, processor, max_length: int | None = None):
+        self.encoder = ConversationEncoder(processor)
+        self.pad_token_id = processor.tokenizer.pad_token_id
+        self.max_length = max_length
+
+    def __call__(self, samples: list[Sample]) -> dict:
+        ids, labels, image_inputs = self.encoder.encode_batch(samples, with_last_answer=True)
+        if self.max_length is not None:
+            for sample, sample_ids in zip(samples, ids):
+                if len(sample_ids) > self.max_length:
+                    raise ValueError(
+                        f"sample {sample.id} has {len(sample_ids)} tokens (images included), more than "
+                        f"--max_length {self.max_length}; raise --max_length, lower --num_crops or remove the sample"
+                    )
+        batch = {
+            "input_ids": pad(ids, self.pad_token_id, "right"),
+            "attention_mask": pad([[1] * len(s) for s in ids], 0, "right"),
+            "labels": pad(labels, IGNORE_INDEX, "right"),
+        }
+        return _with_images(batch, image_inputs)
+
+
+class Phi3VEvalCollator:
+    """`Sample`s -> generation batch: the conversation up to the last answer, left-padded.
+
+    Returns input_ids and attention_mask (B, L), pixel_values / image_sizes as the training collator, and the
+    python lists `ids` and `references` (pop them before calling `generate`).
+    """
+
+    def __init__(self, processor):
+        self.encoder = ConversationEncoder(processor)
+        self.pad_token_id = processor.tokenizer.pad_token_id
+
+    def __call__(self, samples: list[Sample]) -> dict:
+        ids, _, image_inputs = self.encoder.encode_batch(samples, with_last_answer=False)
+        batch = {
+            "input_ids": pad(ids, self.pad_token_id, "left"),
+            "attention_mask": pad([[1] * len(s) for s in ids], 0, "left"),
+            "ids": [sample.id for sample in samples],
+            "references": [sample.references for sample in samples],
+        }
+        return _with_images(batch, image_inputs)

@@ -1,0 +1,101 @@
+"""Evaluation by greedy generation, sharded across ranks and gathered on rank 0, as the recipe does.
+
+Every rank generates for its shard (samples rank, rank + world, ...) in left-padded batches; rank 0
+puts the predictions back in dataset order, computes the metric and writes the JSON report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .collators import Phi3VEvalCollator
+from .data import SampleDataset
+from .metrics import Metric, normalize_answer
+
+logger = logging.getLogger(__name__)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(records: list[dict]) -> list[dict]:
+    rank, world = _rank_and_world()
+    if world == 1:
+        return records
+    gathered = [None] * world
+    dist.all_gather_object(gathered, records)
+    return [record for part in gathered for record in part]
+
+
+@torch.no_grad()
+def generate_predictions(
+    model, processor, dataset: SampleDataset, batch_size: int, max_new_tokens: int, num_workers: int = 0,
+    show_progress: bool = True,
+) -> list[dict]:
+    """All ranks call this; every rank gets [{"index", "id", "prediction", "references"}] in dataset order."""
+    rank, world = _rank_and_world()
+    shard = list(range(rank, len(dataset), world))
+    loader = DataLoader(
+        dataset.subset(shard), batch_size=batch_size, collate_fn=Phi3VEvalCollator(processor),
+        num_workers=num_workers, shuffle=False,
+    )
+    tokenizer = processor.tokenizer
+    stop_ids = [tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    records, position = [], 0
+    for batch in tqdm(loader, desc="generating", disable=rank != 0 or not show_progress):
+        ids, references = batch.pop("ids"), batch.pop("references")
+        inputs = {key: value.to(device) for key, value in batch.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+            eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+        )
+        texts = processor.batch_decode(
+            output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        for sample_id, text, refs in zip(ids, texts, references):
+            records.append({"index": shard[position], "id": sample_id, "prediction": text, "references": refs})
+            position += 1
+    model.train(was_training)
+    return sorted(_gather(records), key=lambda record: record["index"])
+
+
+def evaluate(model, processor, dataset: SampleDataset, metric: Metric, save_path: Path, args) -> float:
+    """Generate, score and (rank 0) write `save_path`; returns the metric on every rank."""
+    records = generate_predictions(
+        model, processor, dataset, args.eval_batch_size, args.max_new_tokens, args.dataloader_num_workers, args.tqdm
+    )
+    predictions = [record["prediction"] for record in records]
+    references = [record["references"] for record in records]
+    score = metric.compute(predictions, references)
+    if _rank_and_world()[0] == 0:
+        report = {
+            "metric": metric.name,
+            metric.name: score,
+            "num_samples": len(records),
+            "ids": [record["id"] for record in records],
+            "predictions": predictions,
+            "references": references,
+            # the recipe's keys: normalised answers and generations
+            "answers_unique": [[normalize_answer(r) for r in refs] for refs in references],
+            "generated_texts_unique": [normalize_answer(p) for p in predictions],
+        }
+        save_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = save_path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+        temporary.replace(save_path)
+    return score

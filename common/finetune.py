@@ -1,0 +1,221 @@
+"""One finetuning run, the recipe's way: evaluate, train with the Trainer, save, reload, evaluate again.
+
+A task script supplies a `Task` (its datasets and metric) and the parsed flags; everything else —
+strategy, precision, DeepSpeed, checkpoints and resume, evaluation, the outputs — happens here.
+Distributed concerns stay with the Trainer/accelerate; the few rank-0 writes are explicit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import re
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoProcessor, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .arguments import RESUME_LATEST, validate_args, world_size
+from .collators import Phi3VTrainCollator
+from .data import SampleDataset, load_conversation_splits
+from .evaluation import evaluate
+from .metrics import Metric
+from .plotting import plot_training_curves
+from .precision import Precision, resolve_precision
+from .strategy import TrainingStrategy, build_model, load_model
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
+_IMAGE_TAG = re.compile(r"<\|image_\d+\|>")
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a script contributes: a name for messages, its metric and its (train, eval) datasets."""
+
+    name: str
+    metric: Metric
+    load_datasets: Callable[[argparse.Namespace], tuple[SampleDataset, SampleDataset]]
+
+
+def _single_process_rendezvous() -> None:
+    """`python SCRIPT` (no torchrun): DeepSpeed needs a process group even for one process and would otherwise
+    look for MPI, so describe a world of one on a free local port."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def training_arguments(args, strategy: TrainingStrategy, precision: Precision) -> TrainingArguments:
+    """The recipe's hyperparameters; gradient accumulation makes up the global batch size."""
+    accumulation = args.batch_size // (world_size() * args.batch_size_per_gpu)
+    deepspeed = (args.deepspeed or str(DEFAULT_DEEPSPEED_CONFIG)) if strategy.uses_deepspeed else None
+    if deepspeed:
+        _single_process_rendezvous()
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size_per_gpu,
+        gradient_accumulation_steps=accumulation,
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-7,
+        learning_rate=args.learning_rate,
+        weight_decay=args.wd,
+        max_grad_norm=1.0,
+        lr_scheduler_type="linear",
+        warmup_steps=args.warmup_steps,
+        logging_steps=args.logging_steps,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        save_total_limit=args.save_total_limit,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        remove_unused_columns=False,
+        report_to=args.report_to,
+        deepspeed=deepspeed,
+        disable_tqdm=not args.tqdm,
+        dataloader_num_workers=args.dataloader_num_workers,
+        ddp_find_unused_parameters=False,
+        seed=args.seed,
+    )
+
+
+def _setup_logging(training_args: TrainingArguments) -> None:
+    level = logging.INFO if training_args.process_index == 0 else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
+    transformers.utils.logging.set_verbosity(logging.WARNING if level == logging.INFO else level)
+
+
+def _check_samples(dataset: SampleDataset, split: str) -> None:
+    """Catch what can be caught without decoding: image files that are missing, tags typed into the text."""
+    problems = []
+    for sample in dataset.rows if not hasattr(dataset.rows, "features") else []:
+        for turn in sample.turns:
+            if _IMAGE_TAG.search(turn.user):
+                problems.append(f"sample {sample.id}: user text contains an <|image_N|> tag; list images in 'images'")
+            for image in turn.images:
+                if isinstance(image, str) and not (dataset.base_dir / image).is_file():
+                    problems.append(f"sample {sample.id}: image {dataset.base_dir / image} does not exist")
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise SystemExit(f"error: bad {split} data:\n  " + "\n  ".join(problems[:10]) + more)
+
+
+def load_datasets(task: Task, args) -> tuple[SampleDataset, SampleDataset]:
+    train, evaluation = load_conversation_splits(args.data_dir) if args.data_dir else task.load_datasets(args)
+    if args.max_eval_samples is not None:
+        evaluation = evaluation.subset(range(min(args.max_eval_samples, len(evaluation))))
+    for split, dataset in (("training", train), ("evaluation", evaluation)):
+        if len(dataset) == 0:
+            raise SystemExit(f"error: the {split} set of {task.name} is empty")
+        _check_samples(dataset, split)
+    return train, evaluation
+
+
+def resolve_checkpoint(args) -> str | None:
+    """An explicit path, else the newest checkpoint-* in output_dir (automatic resume), else None."""
+    if args.resume_from_checkpoint not in (None, RESUME_LATEST):
+        return args.resume_from_checkpoint
+    newest = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if args.resume_from_checkpoint == RESUME_LATEST and newest is None:
+        raise SystemExit(f"error: --resume_from_checkpoint: no checkpoint-* folder in {args.output_dir}")
+    return newest
+
+
+def _evaluate_and_report(model, processor, task: Task, dataset, path: Path, when: str, args) -> float:
+    score = evaluate(model, processor, dataset, task.metric, path, args)
+    logger.info("%s %s finetuning: %.4f (%d samples, %s)", task.metric.name, when, score, len(dataset), path)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{task.metric.name.upper()} {when} finetuning: {score:.4f}", flush=True)
+    return score
+
+
+def _model_for_evaluation(trainer: Trainer, args, strategy: TrainingStrategy, precision: Precision):
+    """Full finetuning evaluates the trained weights in memory; LoRA reloads the saved adapter onto a fresh
+    base model, which is also how users load it."""
+    if not strategy.lora:
+        return trainer.accelerator.unwrap_model(trainer.model)
+    device = trainer.args.device
+    del trainer
+    gc.collect()
+    torch.cuda.empty_cache()
+    return load_model(args.model_name_or_path, precision, adapter_path=args.output_dir).to(device)
+
+
+def _write_merged(model, processor, output_dir: Path) -> None:
+    merged_dir = output_dir / "merged"
+    model.merge_and_unload().save_pretrained(merged_dir)
+    processor.save_pretrained(merged_dir)
+    logger.info("merged standalone checkpoint written to %s", merged_dir)
+
+
+def run_finetuning(task: Task, args: argparse.Namespace) -> dict[str, float]:
+    """Returns {"before": metric, "after": metric} (before is absent when skipped)."""
+    args = validate_args(args)
+    strategy = TrainingStrategy.from_args(args)
+    precision = resolve_precision(args.bf16, args.use_flash_attention)
+    train_args = training_arguments(args, strategy, precision)
+    _setup_logging(train_args)
+    logger.info("%s with %s on %d process(es), %s", task.name, strategy.name, world_size(), precision)
+    train_dataset, eval_dataset = load_datasets(task, args)
+    checkpoint = resolve_checkpoint(args)
+    processor = AutoProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
+    model = build_model(args, strategy, precision)
+    if not strategy.quantize_4bit:
+        model.to(train_args.device)
+
+    output_dir = Path(args.output_dir)
+    results = {}
+    if checkpoint:
+        logger.info("resuming from %s", checkpoint)
+    if not args.skip_eval_before and not (checkpoint and (output_dir / "eval_before.json").exists()):
+        results["before"] = _evaluate_and_report(
+            model, processor, task, eval_dataset, output_dir / "eval_before.json", "before", args
+        )
+
+    trainer = Trainer(
+        model=model,
+        args=train_args,
+        data_collator=Phi3VTrainCollator(processor, args.max_length),
+        train_dataset=train_dataset,
+    )
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(output_dir)
+        plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+    trainer.accelerator.wait_for_everyone()
+
+    model = _model_for_evaluation(trainer, args, strategy, precision)
+    results["after"] = _evaluate_and_report(
+        model, processor, task, eval_dataset, output_dir / "eval_after.json", "after", args
+    )
+    if args.merge and int(os.environ.get("RANK", "0")) == 0:
+        _write_merged(model, processor, output_dir)
+    return results
+
+
+def main_guard(run: Callable[[], object]) -> None:
+    """Run a script's main; a user error (bad data, bad flags) ends with one clear message and exit code 1."""
+    try:
+        run()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

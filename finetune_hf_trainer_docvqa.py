@@ -1,0 +1,58 @@
+"""Finetune Phi-3.5-vision on DocVQA: answer a question about a scanned document; metric ANLS.
+
+    torchrun --nproc_per_node=4 finetune_hf_trainer_docvqa.py                  # mini-train split
+    torchrun --nproc_per_node=4 finetune_hf_trainer_docvqa.py --full_train \\
+      --bf16 --use_flash_attention --batch_size 64 --output_dir <output_dir> \\
+      --learning_rate <lr> --num_train_epochs <epochs>
+    python finetune_hf_trainer_docvqa.py --dataset_path /data/docvqa --use_lora  # offline copy, one process
+
+Data: HuggingFaceM4/DocumentVQA — rows with `image`, `question` and `answers` (all accepted answers).
+Training uses the `train` split (without --full_train only its first 1%, the mini-train split) with one
+of the accepted answers per question (a fixed choice per question and seed); evaluation uses the
+`validation` split. --dataset_path takes the same schema from disk (save_to_disk folder with both splits,
+or train*/validation* parquet or jsonl files). Prompt: `<|image_1|>\\n{question}` in the chat template.
+Metric: ANLS (average normalised Levenshtein similarity, threshold 0.5, best over all answers).
+"""
+
+import random
+
+from common.arguments import build_parser
+from common.data import Sample, SampleDataset, Turn, base_dir_of, load_split
+from common.finetune import Task, main_guard, run_finetuning
+from common.metrics import ANLS
+
+MINI_TRAIN_FRACTION = 0.01
+
+
+def load_docvqa(args) -> tuple[SampleDataset, SampleDataset]:
+    train_rows = load_split("HuggingFaceM4/DocumentVQA", None, "train", args.dataset_path)
+    eval_rows = load_split("HuggingFaceM4/DocumentVQA", None, "validation", args.dataset_path)
+    if not args.full_train:
+        train_rows = train_rows.select(range(max(1, round(len(train_rows) * MINI_TRAIN_FRACTION))))
+
+    def train_sample(row, index: int) -> Sample:
+        # The recipe draws a random accepted answer; seeding by question keeps runs (and resumes) reproducible.
+        answer = random.Random(f"{args.seed}-{index}").choice(row["answers"])
+        return Sample(id=f"train-{index}", turns=[Turn(row["question"], answer, [row["image"]])])
+
+    def eval_sample(row, index: int) -> Sample:
+        return Sample(
+            id=f"validation-{index}", turns=[Turn(row["question"], row["answers"][0], [row["image"]])],
+            references=list(row["answers"]),
+        )
+
+    base_dir = base_dir_of(args.dataset_path)
+    return SampleDataset(train_rows, train_sample, base_dir), SampleDataset(eval_rows, eval_sample, base_dir)
+
+
+TASK = Task("DocVQA", ANLS, load_docvqa)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = build_parser(__doc__, num_crops=16)
+    parser.add_argument("--full_train", action="store_true", help="train on the full train split (default: 1%%)")
+    return run_finetuning(TASK, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main_guard(main)

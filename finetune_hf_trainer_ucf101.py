@@ -1,0 +1,33 @@
+"""Finetune Phi-3.5-vision on UCF-101 video classification: 8 frames per video, answer = class name.
+
+Convert the videos first (see convert_ucf101.py), then train and evaluate on the converted folder:
+
+    python convert_ucf101.py --out_dir /path/to/converted_ucf101
+    torchrun --nproc_per_node=4 finetune_hf_trainer_ucf101.py --data_dir /path/to/converted_ucf101
+    python finetune_hf_trainer_ucf101.py --data_dir /path/to/converted_ucf101 --use_lora   # one process
+
+Data: the generic jsonl format — `ucf101_train.jsonl` for training, `ucf101_val.jsonl` for evaluation,
+frames under `images/`. Each sample is one turn: the frames as `<|image_1|>` ... `<|image_8|>`, the
+question "Classify the video into one of the following classes: ...", the class name as answer.
+Metric: accuracy of the generated class name (stripped of whitespace and periods, lowercased).
+Frames are many images per sample, so num_crops defaults to 4 (Phi-3.5-vision's multi-frame setting).
+"""
+
+from common.arguments import build_parser
+from common.data import load_conversation_splits
+from common.finetune import Task, main_guard, run_finetuning
+from common.metrics import ACCURACY
+
+TASK = Task("UCF-101", ACCURACY, lambda args: load_conversation_splits(args.data_dir))
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = build_parser(__doc__, num_crops=4)
+    args = parser.parse_args(argv)
+    if not args.data_dir:
+        parser.error("--data_dir is required: the output folder of convert_ucf101.py")
+    return run_finetuning(TASK, args)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,30 @@
+"""Shared fixtures: the Phi-3-V reference fixture and a tiny model written once per session."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import common  # noqa: F401  (registers phi3_v with the Auto classes)
+
+FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "phi3v_reference"
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    """tests/fixtures/phi3v_reference (tiny_phi3v/, images/, official/, reference.pt)."""
+    return FIXTURE_DIR
+
+
+@pytest.fixture(scope="session")
+def reference(fixture_dir) -> dict:
+    """reference.pt: outputs of the original hub code on fixture_dir / "tiny_phi3v"."""
+    return torch.load(fixture_dir / "reference.pt", weights_only=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Phi-3-V checkpoint folder (seed 0, num_crops 4) from `common.tiny_model`."""
+    from common.tiny_model import write_tiny_phi3v
+
+    return write_tiny_phi3v(tmp_path_factory.mktemp("tiny_phi3v") / "model", seed=0, num_crops=4)
