@@ -87,7 +87,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     problems = []
     if not 1 <= args.num_crops <= 16:
         problems.append(f"--num_crops must be between 1 and 16, got {args.num_crops}")
-    for flag in ("batch_size", "batch_size_per_gpu", "num_train_epochs", "lora_rank", "logging_steps"):
+    counts = ("batch_size", "batch_size_per_gpu", "num_train_epochs", "lora_rank", "logging_steps", "max_new_tokens")
+    for flag in counts:
         if getattr(args, flag) < 1:
             problems.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     processes = world_size()
@@ -106,6 +107,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         problems.append(f"--save_steps must be >= 0, got {args.save_steps}")
     if args.max_length is not None and args.max_length < 1:
         problems.append(f"--max_length must be positive, got {args.max_length}")
+    if args.eval_batch_size is not None and args.eval_batch_size < 1:
+        problems.append(f"--eval_batch_size must be at least 1, got {args.eval_batch_size}")
     if args.max_eval_samples is not None and args.max_eval_samples < 1:
         problems.append(f"--max_eval_samples must be positive, got {args.max_eval_samples}")
     if args.use_lora and args.deepspeed:

@@ -86,8 +86,11 @@ class SampleDataset(Dataset):
         return sample
 
     def subset(self, indices: Sequence[int]) -> SampleDataset:
+        """The rows at `indices`; samples keep the ids of their original positions."""
+        indices = list(indices)
         rows = self.rows.select(indices) if isinstance(self.rows, datasets.Dataset) else [self.rows[i] for i in indices]
-        return SampleDataset(rows, self.to_sample, self.base_dir)
+        to_sample = self.to_sample
+        return SampleDataset(rows, lambda row, position: to_sample(row, indices[position]), self.base_dir)
 
 
 # ---- hub datasets and their local copies -------------------------------------------------------------
@@ -152,6 +155,8 @@ def read_conversation_jsonl(path: Path) -> list[Sample]:
                 continue
             try:
                 record = json.loads(line)
+                if any(not isinstance(turn.get("images", []), list) for turn in record["conversations"]):
+                    raise ValueError("'images' must be a list of paths")
                 turns = [
                     Turn(user=str(turn["user"]), assistant=str(turn["assistant"]), images=list(turn.get("images", [])))
                     for turn in record["conversations"]
@@ -204,6 +209,7 @@ def load_cauldron_splits(subset: str, dataset_path: str | None, eval_size: int) 
 
     base_dir = base_dir_of(dataset_path)
     return (
-        SampleDataset(rows.select(range(held_out, len(rows))), converter(held_out), base_dir),
-        SampleDataset(rows.select(range(held_out)), converter(0), base_dir),
+        # lists, not ranges: datasets rejects an empty range that starts at the end
+        SampleDataset(rows.select(list(range(held_out, len(rows)))), converter(held_out), base_dir),
+        SampleDataset(rows.select(list(range(held_out))), converter(0), base_dir),
     )

@@ -86,10 +86,22 @@ def load_model(
     return model
 
 
+def _keep_4bit_layout_trainable(model: PreTrainedModel) -> None:
+    """On CPU, bitsandbytes repacks a 4-bit layer for its inference kernel at the first forward in eval mode
+    without gradients (the evaluation before training) and never unpacks it when training starts: the packed
+    kernel has no backward, and it rejects layers narrower than its 64-value quantization block. The model
+    being trained keeps the trainable layout (a no-op on GPU)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def build_model(args, strategy: TrainingStrategy, precision: Precision) -> PreTrainedModel:
     """Load the base model and make exactly the strategy's parameters trainable."""
     model = load_model(args.model_name_or_path, precision, quantization_config(strategy, precision.compute_dtype))
     model.config.use_cache = False  # the KV cache is useless with gradient checkpointing
+    if strategy.quantize_4bit:
+        _keep_4bit_layout_trainable(model)
     adapters = lora_config(strategy, args.lora_rank, args.lora_alpha_ratio, args.lora_dropout)
     if adapters is not None:
         model.trim_unused_vision_layers()  # DDP rejects parameters that never get a gradient

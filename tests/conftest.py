@@ -3,9 +3,6 @@
 from pathlib import Path
 
 import pytest
-import torch
-
-import common  # noqa: F401  (registers phi3_v with the Auto classes)
 
 FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "phi3v_reference"
 
@@ -19,12 +16,15 @@ def fixture_dir() -> Path:
 @pytest.fixture(scope="session")
 def reference(fixture_dir) -> dict:
     """reference.pt: outputs of the original hub code on fixture_dir / "tiny_phi3v"."""
+    import torch
+
     return torch.load(fixture_dir / "reference.pt", weights_only=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random Phi-3-V checkpoint folder (seed 0, num_crops 4) from `common.tiny_model`."""
+    """A tiny random Phi-3-V checkpoint folder (seed 0, num_crops 4) from `common.tiny_model`; importing it
+    registers phi3_v with the Auto classes. Read-only: copy it before changing files."""
     from common.tiny_model import write_tiny_phi3v
 
     return write_tiny_phi3v(tmp_path_factory.mktemp("tiny_phi3v") / "model", seed=0, num_crops=4)

@@ -63,13 +63,25 @@ class Phi3VImageEmbedding(nn.Module):
         """pixel_values (num_images, max_crops, 3, S, S), image_sizes (num_images, 2) [[h, w]] in pixels
         -> one (num_img_tokens_i, hidden_size) tensor per image."""
         grids = [(int(h) // self.crop_size, int(w) // self.crop_size) for h, w in image_sizes.tolist()]
+        self._check_sizes(pixel_values, grids)
         # Only the global view and the real crops go through CLIP; the zero padding crops never matter.
         crops = torch.cat([pixel_values[i, : 1 + rows * cols] for i, (rows, cols) in enumerate(grids)])
         features = self.img_processor(crops.to(self._tower_dtype()), self.feature_layer)
         per_image = torch.split(features, [1 + rows * cols for rows, cols in grids])
         tokens = [self._hd_layout(image_features, rows, cols) for image_features, (rows, cols) in zip(per_image, grids)]
-        projected = self.img_projection(torch.cat(tokens).to(self.img_projection[0].weight.dtype))
+        # The bias, not the weight: a 4-bit (QLoRA) weight is stored as uint8; the bias keeps the compute dtype.
+        projected = self.img_projection(torch.cat(tokens).to(self.img_projection[0].bias.dtype))
         return list(torch.split(projected, [len(t) for t in tokens]))
+
+    def _check_sizes(self, pixel_values: torch.Tensor, grids: list[tuple[int, int]]) -> None:
+        if len(grids) != len(pixel_values):
+            raise ValueError(f"image_sizes has {len(grids)} rows but pixel_values hold {len(pixel_values)} images")
+        for index, (rows, cols) in enumerate(grids):
+            if rows < 1 or cols < 1 or 1 + rows * cols > pixel_values.shape[1]:
+                raise ValueError(
+                    f"image {index}: image_sizes {rows * self.crop_size}x{cols * self.crop_size} needs "
+                    f"{1 + rows * cols} crops, pixel_values have room for {pixel_values.shape[1]}"
+                )
 
     def _tower_dtype(self) -> torch.dtype:
         return self.img_processor.vision_model.embeddings.patch_embedding.weight.dtype

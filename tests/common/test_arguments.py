@@ -1,0 +1,208 @@
+"""common/arguments.py: the shared flags, their recipe defaults, and validate_args."""
+
+import pytest
+
+from common.arguments import RESUME_LATEST, build_parser, validate_args, world_size
+
+
+@pytest.fixture(autouse=True)
+def _single_process(monkeypatch):
+    """Tests run as one process unless they say otherwise (a torchrun environment must not leak in)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
+def parse(*argv, **defaults):
+    return build_parser("test", **defaults).parse_args(list(argv))
+
+
+def validated(*argv, **defaults):
+    return validate_args(parse(*argv, **defaults))
+
+
+def problems_of(*argv, **defaults) -> str:
+    with pytest.raises(SystemExit) as info:
+        validated(*argv, **defaults)
+    message = str(info.value.code)
+    assert message.startswith("error: invalid arguments:")
+    return message
+
+
+# ---- defaults -----------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_recipes():
+    args = parse()
+    assert args.model_name_or_path == "microsoft/Phi-3.5-vision-instruct"
+    assert args.batch_size == 16
+    assert args.batch_size_per_gpu == 1
+    assert args.num_crops == 16
+    assert args.learning_rate == pytest.approx(4e-5)
+    assert args.wd == pytest.approx(0.01)
+    assert args.lora_rank == 64
+    assert args.lora_alpha_ratio == 2
+    assert args.lora_dropout == 0
+    assert args.num_train_epochs == 1
+    assert args.warmup_steps == 50
+    assert args.output_dir == "./output/"
+    # Strategy flags are all off: the default run is full finetuning with sdpa and fp16 mixed precision.
+    for flag in ("use_lora", "use_qlora", "bf16", "use_flash_attention", "freeze_vision_model", "merge"):
+        assert getattr(args, flag) is False, flag
+    assert args.tqdm is True
+    assert args.resume_from_checkpoint is None
+    assert args.deepspeed is None
+    assert args.dataset_path is None and args.data_dir is None
+
+
+def test_keyword_defaults_override_the_shared_ones():
+    args = parse(num_crops=4)
+    assert args.num_crops == 4
+    assert args.batch_size == 16  # the rest untouched
+    assert parse("--num_crops", "8", num_crops=4).num_crops == 8  # the command line still wins
+
+
+def test_typed_flags_are_parsed():
+    args = parse("--learning_rate", "1e-4", "--lora_rank", "8", "--lora_alpha_ratio", "0.5", "--max_length", "2048")
+    assert args.learning_rate == pytest.approx(1e-4)
+    assert args.lora_rank == 8
+    assert args.lora_alpha_ratio == pytest.approx(0.5)
+    assert args.max_length == 2048
+
+
+def test_no_tqdm_disables_progress_bars():
+    assert parse("--no-tqdm").tqdm is False
+
+
+def test_qlora_implies_lora_after_validation():
+    args = parse("--use_qlora")
+    assert args.use_lora is False
+    assert validate_args(args).use_lora is True
+    assert args.use_qlora is True
+
+
+def test_resume_without_path_means_latest():
+    args = validated("--resume_from_checkpoint")
+    assert args.resume_from_checkpoint == RESUME_LATEST
+
+
+def test_resume_with_existing_folder(tmp_path):
+    checkpoint = tmp_path / "checkpoint-10"
+    checkpoint.mkdir()
+    assert validated("--resume_from_checkpoint", str(checkpoint)).resume_from_checkpoint == str(checkpoint)
+
+
+def test_resume_with_missing_folder_is_rejected(tmp_path):
+    missing = tmp_path / "checkpoint-99"
+    message = problems_of("--resume_from_checkpoint", str(missing))
+    assert f"--resume_from_checkpoint {missing} is not a folder" in message
+
+
+def test_resume_flag_before_another_flag_takes_no_value():
+    args = validated("--resume_from_checkpoint", "--use_lora")
+    assert args.resume_from_checkpoint == RESUME_LATEST
+    assert args.use_lora is True
+
+
+def test_eval_batch_size_defaults_to_batch_size_per_gpu():
+    assert validated("--batch_size_per_gpu", "2").eval_batch_size == 2
+    assert validated("--batch_size_per_gpu", "2", "--eval_batch_size", "8").eval_batch_size == 8
+
+
+# ---- validation ---------------------------------------------------------------------------------------
+
+
+def test_valid_defaults_pass_unchanged():
+    args = validated()
+    assert args.batch_size == 16 and args.use_lora is False
+
+
+def test_all_problems_are_listed_in_one_exit(tmp_path):
+    missing = tmp_path / "no_such_data"
+    message = problems_of(
+        "--num_crops", "17", "--batch_size", "3", "--batch_size_per_gpu", "2", "--data_dir", str(missing)
+    )
+    assert "--num_crops must be between 1 and 16, got 17" in message
+    assert "--batch_size 3 must be divisible by processes (1) x --batch_size_per_gpu (2)" in message
+    assert f"--data_dir {missing} does not exist" in message
+    assert len(message.splitlines()) == 4  # header + exactly the three problems
+
+
+@pytest.mark.parametrize("crops", [0, 17])
+def test_num_crops_out_of_range(crops):
+    assert f"--num_crops must be between 1 and 16, got {crops}" in problems_of("--num_crops", str(crops))
+
+
+@pytest.mark.parametrize("crops", [1, 16])
+def test_num_crops_bounds_are_valid(crops):
+    assert validated("--num_crops", str(crops)).num_crops == crops
+
+
+@pytest.mark.parametrize("flag", ["batch_size", "batch_size_per_gpu", "num_train_epochs", "lora_rank", "logging_steps"])
+def test_counts_must_be_positive(flag):
+    assert f"--{flag} must be at least 1, got 0" in problems_of(f"--{flag}", "0")
+
+
+def test_batch_size_divisibility_uses_world_size(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert world_size() == 4
+    args = validated("--batch_size", "16", "--batch_size_per_gpu", "2")  # 16 / (4 x 2): accumulation 2
+    assert args.batch_size == 16
+    message = problems_of("--batch_size", "16", "--batch_size_per_gpu", "3")  # 16 / (4 x 3): not whole
+    assert "--batch_size 16 must be divisible by processes (4) x --batch_size_per_gpu (3)" in message
+
+
+def test_world_size_defaults_to_one():
+    assert world_size() == 1
+    assert validated("--batch_size", "3", "--batch_size_per_gpu", "3").batch_size == 3
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--lora_dropout", "1.0"], "--lora_dropout must be in [0, 1), got 1.0"),
+        (["--lora_dropout", "-0.1"], "--lora_dropout must be in [0, 1), got -0.1"),
+        (["--lora_alpha_ratio", "0"], "--lora_alpha_ratio must be positive, got 0.0"),
+        (["--learning_rate", "0"], "--learning_rate must be positive, got 0.0"),
+        (["--save_steps", "-1"], "--save_steps must be >= 0, got -1"),
+        (["--max_length", "0"], "--max_length must be positive, got 0"),
+        (["--max_eval_samples", "0"], "--max_eval_samples must be positive, got 0"),
+    ],
+)
+def test_out_of_range_values(argv, expected):
+    assert expected in problems_of(*argv)
+
+
+def test_merge_without_lora_is_rejected():
+    assert "--merge only applies to LoRA/QLoRA runs" in problems_of("--merge")
+    assert validated("--merge", "--use_lora").merge is True
+    assert validated("--merge", "--use_qlora").merge is True  # QLoRA implies LoRA before the check
+
+
+def test_deepspeed_with_lora_is_rejected(tmp_path):
+    config = tmp_path / "zero2.json"
+    config.write_text("{}")
+    assert "--deepspeed is for full finetuning" in problems_of("--deepspeed", str(config), "--use_lora")
+    assert "--deepspeed is for full finetuning" in problems_of("--deepspeed", str(config), "--use_qlora")
+    assert validated("--deepspeed", str(config)).deepspeed == str(config)
+
+
+def test_missing_deepspeed_config_is_rejected(tmp_path):
+    missing = tmp_path / "nope.json"
+    assert f"--deepspeed {missing} does not exist" in problems_of("--deepspeed", str(missing))
+
+
+def test_dataset_path_and_data_dir_are_exclusive(tmp_path):
+    message = problems_of("--dataset_path", str(tmp_path), "--data_dir", str(tmp_path))
+    assert "either --dataset_path" in message
+    assert "does not exist" not in message  # both exist: only the one problem
+    assert validated("--dataset_path", str(tmp_path)).dataset_path == str(tmp_path)
+    assert validated("--data_dir", str(tmp_path)).data_dir == str(tmp_path)
+
+
+def test_missing_dataset_path_is_rejected(tmp_path):
+    missing = tmp_path / "docvqa"
+    assert f"--dataset_path {missing} does not exist" in problems_of("--dataset_path", str(missing))
+
+
+@pytest.mark.parametrize("flag", ["eval_batch_size", "max_new_tokens"])
+def test_generation_counts_must_be_positive(flag):
+    assert f"--{flag}" in problems_of(f"--{flag}", "0")

@@ -1,0 +1,156 @@
+"""common/evaluation.py: batched greedy generation in dataset order and the JSON report."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+import common.evaluation as evaluation_module
+from common.data import Sample, SampleDataset, Turn
+from common.evaluation import evaluate, generate_predictions
+from common.metrics import ACCURACY, Metric, normalize_answer
+
+MAX_NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+
+def samples() -> list[Sample]:
+    """Three prompts of different lengths (so batches need left padding), with 1, 0 and 2 images."""
+    return [
+        Sample("first", [Turn("Is this meme hateful? Answer yes or no.", "no",
+                              [Image.new("RGB", (500, 200), (200, 40, 40))])], references=["no", "No."]),
+        Sample("second", [Turn("What colour?", "red")]),
+        Sample("third", [Turn("The left image contains exactly two dogs. True or False?", "True",
+                              [Image.new("RGB", (672, 336), (10, 90, 10)), Image.new("RGB", (200, 500))])]),
+    ]
+
+
+def dataset() -> SampleDataset:
+    return SampleDataset(samples(), lambda sample, index: sample)
+
+
+def greedy_alone(model, processor, sample: Sample) -> str:
+    """The recipe's per-sample generation: one prompt, no padding."""
+    tags = "".join(f"<|image_{n}|>\n" for n in range(1, len(sample.images) + 1))
+    prompt = f"<|user|>\n{tags}{sample.turns[0].user}<|end|>\n<|assistant|>\n"
+    inputs = processor(prompt, images=sample.images or None)
+    tokenizer = processor.tokenizer
+    with torch.no_grad():
+        output = model.generate(
+            **inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+            eos_token_id=[tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id],
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+
+
+@pytest.fixture(scope="module")
+def unbatched(model, processor) -> list[str]:
+    return [greedy_alone(model, processor, sample) for sample in samples()]
+
+
+@pytest.mark.parametrize("batch_size", [3, 2])
+def test_batched_generation_equals_per_sample_generation(model, processor, unbatched, batch_size):
+    model.train()
+    records = generate_predictions(model, processor, dataset(), batch_size, MAX_NEW_TOKENS, show_progress=False)
+    assert [r["index"] for r in records] == [0, 1, 2]
+    assert [r["id"] for r in records] == ["first", "second", "third"]
+    assert [r["references"] for r in records] == [["no", "No."], ["red"], ["True"]]
+    assert [r["prediction"] for r in records] == unbatched
+    assert any(unbatched)  # the comparison is not between empty strings
+    assert model.training  # the mode is restored
+
+
+def test_generation_leaves_an_eval_model_in_eval_mode(model, processor):
+    model.eval()
+    generate_predictions(model, processor, dataset().subset([1]), 1, 2, show_progress=False)
+    assert not model.training
+
+
+def test_a_ranks_shard_keeps_dataset_ids(model, processor, monkeypatch):
+    rows = samples()
+    indexed = SampleDataset(rows, lambda sample, index: Sample(f"validation-{index}", sample.turns, sample.references))
+    monkeypatch.setattr(evaluation_module, "_rank_and_world", lambda: (1, 2))
+    monkeypatch.setattr(evaluation_module, "_gather", lambda records: records)
+    records = generate_predictions(model, processor, indexed, 2, 1, show_progress=False)
+    assert [r["index"] for r in records] == [1]
+    assert [r["id"] for r in records] == ["validation-1"]
+
+
+def test_a_ranks_shard_is_every_world_th_sample(model, processor, monkeypatch):
+    monkeypatch.setattr(evaluation_module, "_rank_and_world", lambda: (1, 2))
+    monkeypatch.setattr(evaluation_module, "_gather", lambda records: records)
+    records = generate_predictions(model, processor, dataset(), 2, 1, show_progress=False)
+    assert [(r["index"], r["id"]) for r in records] == [(1, "second")]
+
+
+# ---- evaluate: the report -----------------------------------------------------------------------------
+
+
+def eval_args(**overrides) -> argparse.Namespace:
+    values = dict(eval_batch_size=3, max_new_tokens=MAX_NEW_TOKENS, dataloader_num_workers=0, tqdm=False)
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def test_evaluate_writes_the_report_atomically(model, processor, unbatched, tmp_path):
+    path = tmp_path / "out" / "eval_before.json"  # the folder does not exist yet
+    score = evaluate(model, processor, dataset(), ACCURACY, path, eval_args())
+    report = json.loads(path.read_text())
+    references = [["no", "No."], ["red"], ["True"]]
+    assert report["metric"] == "accuracy"
+    assert report["accuracy"] == score == ACCURACY.compute(unbatched, references)
+    assert report["num_samples"] == 3
+    assert report["ids"] == ["first", "second", "third"]
+    assert report["predictions"] == unbatched
+    assert report["references"] == references
+    assert report["answers_unique"] == [["no", "no"], ["red"], ["true"]]
+    assert report["generated_texts_unique"] == [normalize_answer(p) for p in unbatched]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["eval_before.json"]  # no .tmp left behind
+
+
+def test_evaluate_scores_and_normalises(monkeypatch, tmp_path):
+    records = [
+        {"index": 0, "id": "a", "prediction": " Yes.", "references": ["yes"]},
+        {"index": 1, "id": "b", "prediction": "No", "references": ["yes", "YES."]},
+    ]
+    seen = {}
+
+    def fake_generate(model, processor, data, batch_size, max_new_tokens, num_workers, show_progress):
+        seen.update(batch_size=batch_size, max_new_tokens=max_new_tokens, workers=num_workers, progress=show_progress)
+        return records
+
+    monkeypatch.setattr(evaluation_module, "generate_predictions", fake_generate)
+    path = tmp_path / "eval_after.json"
+    path.write_text("old report")
+    metric = Metric("anls_like", lambda predictions, references: 0.25)
+    score = evaluate(None, None, None, metric, path, eval_args(eval_batch_size=4, max_new_tokens=9, tqdm=True))
+    assert score == 0.25
+    assert seen == dict(batch_size=4, max_new_tokens=9, workers=0, progress=True)
+    report = json.loads(path.read_text())  # replaced
+    assert report["metric"] == "anls_like" and report["anls_like"] == 0.25
+    assert report["predictions"] == [" Yes.", "No"]
+    assert report["generated_texts_unique"] == ["yes", "no"]
+    assert report["answers_unique"] == [["yes"], ["yes", "yes"]]
+    assert report["num_samples"] == 2 and report["ids"] == ["a", "b"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_evaluate_writes_nothing_on_other_ranks(monkeypatch, tmp_path):
+    monkeypatch.setattr(evaluation_module, "generate_predictions", lambda *a: [
+        {"index": 0, "id": "a", "prediction": "yes", "references": ["yes"]}])
+    monkeypatch.setattr(evaluation_module, "_rank_and_world", lambda: (1, 2))
+    path = tmp_path / "eval.json"
+    assert evaluate(None, None, None, ACCURACY, path, eval_args()) == 1.0  # every rank gets the score
+    assert not path.exists()

@@ -1,0 +1,63 @@
+"""common/plotting.py: the training-curve PNG from the Trainer's log_history."""
+
+import matplotlib.pyplot as plt
+import pytest
+from PIL import Image
+
+import common.plotting as plotting_module
+from common.plotting import plot_training_curves
+
+LOG_HISTORY = [
+    {"loss": 2.5, "learning_rate": 1e-5, "grad_norm": 3.0, "epoch": 0.1, "step": 10},
+    {"loss": 1.75, "learning_rate": 4e-5, "grad_norm": 2.0, "epoch": 0.2, "step": 20},
+    {"eval_loss": 1.9, "epoch": 0.2, "step": 20},  # not a training log: ignored
+    {"loss": 1.25, "learning_rate": 2e-5, "grad_norm": 1.0, "epoch": 0.3, "step": 30},
+    {"train_runtime": 12.0, "train_loss": 1.8, "epoch": 1.0, "step": 30},  # the final summary: ignored
+]
+
+
+def test_writes_a_png_of_loss_and_learning_rate(tmp_path, monkeypatch):
+    figures = []
+    real_subplots = plt.subplots
+
+    def recording_subplots(*args, **kwargs):
+        figure, axes = real_subplots(*args, **kwargs)
+        figures.append(figure)
+        return figure, axes
+
+    monkeypatch.setattr(plotting_module.plt, "subplots", recording_subplots)
+    path = tmp_path / "training_curves.png"
+    assert plot_training_curves(LOG_HISTORY, path) == path
+
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.size == (1000, 400)  # figsize (10, 4) at dpi 100
+    (figure,) = figures
+    loss_axis, lr_axis = figure.axes
+    assert len(figure.axes) == 2
+    assert loss_axis.get_title() == "training loss" and lr_axis.get_title() == "learning rate"
+    (loss_line,) = loss_axis.get_lines()
+    assert list(loss_line.get_xdata()) == [10, 20, 30]
+    assert list(loss_line.get_ydata()) == [2.5, 1.75, 1.25]
+    (lr_line,) = lr_axis.get_lines()
+    assert list(lr_line.get_ydata()) == pytest.approx([1e-5, 4e-5, 2e-5])
+    assert not plt.fignum_exists(figure.number)  # closed: long runs do not leak figures
+
+
+def test_missing_learning_rate_is_plotted_as_a_gap(tmp_path):
+    path = plot_training_curves([{"loss": 1.0, "step": 1}, {"loss": 0.5, "step": 2}], tmp_path / "c.png")
+    assert path.is_file() and path.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [],
+        [{"eval_loss": 1.0, "step": 5}, {"train_runtime": 3.0, "train_loss": 1.2, "step": 5}],
+        [{"loss": 1.0}],  # no step
+    ],
+)
+def test_nothing_logged_returns_none_and_writes_nothing(tmp_path, history):
+    path = tmp_path / "training_curves.png"
+    assert plot_training_curves(history, path) is None
+    assert not path.exists()
