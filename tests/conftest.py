@@ -28,3 +28,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from common.tiny_model import write_tiny_phi3v
 
     return write_tiny_phi3v(tmp_path_factory.mktemp("tiny_phi3v") / "model", seed=0, num_crops=4)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: skip them, with the reason, on machines without it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_gpu)
