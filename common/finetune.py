@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import math
 import os
 import re
+import shutil
 import socket
 import sys
 from collections.abc import Callable
@@ -58,6 +60,12 @@ def _single_process_rendezvous() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def _prefetch_factor(accumulation: int, workers: int) -> int | None:
+    """The Trainer fetches all micro-batches of an optimizer step before computing any, so the workers must
+    hold a whole step ready or the GPU waits for data at every step (capped: each batch can be ~25 MB)."""
+    return min(8, max(2, math.ceil(accumulation / workers))) if workers else None
+
+
 def training_arguments(args, strategy: TrainingStrategy, precision: Precision) -> TrainingArguments:
     """The recipe's hyperparameters; gradient accumulation makes up the global batch size."""
     accumulation = args.batch_size // (world_size() * args.batch_size_per_gpu)
@@ -92,6 +100,7 @@ def training_arguments(args, strategy: TrainingStrategy, precision: Precision) -
         deepspeed=deepspeed,
         disable_tqdm=not args.tqdm,
         dataloader_num_workers=args.dataloader_num_workers,
+        dataloader_prefetch_factor=_prefetch_factor(accumulation, args.dataloader_num_workers),
         ddp_find_unused_parameters=False,
         seed=args.seed,
     )
@@ -166,6 +175,17 @@ def _write_merged(model, processor, output_dir: Path) -> None:
     logger.info("merged standalone checkpoint written to %s", merged_dir)
 
 
+def _discard_unresumable_outputs(output_dir: Path, created_output_dir: bool, wrote_eval_before: bool) -> None:
+    """A run that fails before training is done leaves a state to resume from (a checkpoint) or nothing: a
+    bad training sample that only the data loader finds must not leave eval_before.json behind."""
+    if int(os.environ.get("RANK", "0")) != 0 or not output_dir.is_dir() or get_last_checkpoint(str(output_dir)):
+        return
+    if created_output_dir:
+        shutil.rmtree(output_dir, ignore_errors=True)
+    elif wrote_eval_before:
+        (output_dir / "eval_before.json").unlink(missing_ok=True)
+
+
 def run_finetuning(task: Task, args: argparse.Namespace) -> dict[str, float]:
     """Returns {"before": metric, "after": metric} (before is absent when skipped)."""
     args = validate_args(args)
@@ -182,21 +202,25 @@ def run_finetuning(task: Task, args: argparse.Namespace) -> dict[str, float]:
         model.to(train_args.device)
 
     output_dir = Path(args.output_dir)
+    created_output_dir = not output_dir.exists()
     results = {}
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
-    if not args.skip_eval_before and not (checkpoint and (output_dir / "eval_before.json").exists()):
-        results["before"] = _evaluate_and_report(
-            model, processor, task, eval_dataset, output_dir / "eval_before.json", "before", args
+    try:
+        if not args.skip_eval_before and not (checkpoint and (output_dir / "eval_before.json").exists()):
+            results["before"] = _evaluate_and_report(
+                model, processor, task, eval_dataset, output_dir / "eval_before.json", "before", args
+            )
+        trainer = Trainer(
+            model=model,
+            args=train_args,
+            data_collator=Phi3VTrainCollator(processor, args.max_length),
+            train_dataset=train_dataset,
         )
-
-    trainer = Trainer(
-        model=model,
-        args=train_args,
-        data_collator=Phi3VTrainCollator(processor, args.max_length),
-        train_dataset=train_dataset,
-    )
-    trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except BaseException:
+        _discard_unresumable_outputs(output_dir, created_output_dir, wrote_eval_before="before" in results)
+        raise
     trainer.save_model()
     if trainer.is_world_process_zero():
         processor.save_pretrained(output_dir)
@@ -212,10 +236,20 @@ def run_finetuning(task: Task, args: argparse.Namespace) -> dict[str, float]:
     return results
 
 
+def _user_message(error: ValueError) -> str:
+    """The error's message; a DataLoader worker re-raises its error with the worker's traceback folded into
+    the message, of which the user needs the original message only."""
+    message = str(error)
+    marker = f"{type(error).__name__}: "
+    if "Original Traceback (most recent call last)" in message and marker in message:
+        message = message[message.rfind(marker) + len(marker):].strip()
+    return message
+
+
 def main_guard(run: Callable[[], object]) -> None:
     """Run a script's main; a user error (bad data, bad flags) ends with one clear message and exit code 1."""
     try:
         run()
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_user_message(error)}", file=sys.stderr)
         sys.exit(1)
