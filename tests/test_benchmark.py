@@ -1,4 +1,5 @@
-"""benchmark.py: the CPU smoke run through the real CLI, the FLOPs/MFU formulas and the synthetic DocVQA page."""
+"""benchmark.py and benchmarks/: the CPU smoke run through the real CLI, the FLOPs/MFU formulas and the synthetic
+DocVQA page."""
 
 from __future__ import annotations
 
@@ -9,9 +10,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import benchmark
-from benchmark import ModelDims, image_layout, peak_flops_for, training_flops, utilization
+from benchmarks.configs import OFFICIAL_CONFIG, base_row
+from benchmarks.flops import ModelDims, peak_flops_for, training_flops, utilization
+from benchmarks.report import flag_data_bound, render_markdown
+from benchmarks.synthetic import (
+    RECIPE_TOKENS_PER_SAMPLE,
+    docvqa_dataset,
+    image_layout,
+    sample_lengths,
+    synthetic_page,
+)
+from benchmarks.worker import StepTimer
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_CROPS = 1  # the tiny smoke run keeps sequences short; the full-size token count is checked separately
@@ -92,7 +104,7 @@ def test_smoke_writes_rows_and_logs(smoke):
 
 def test_worker_error_becomes_a_row(tmp_path, monkeypatch):
     """Under a user's own launcher (`--worker`), a configuration that cannot run writes its reason, no crash."""
-    monkeypatch.setattr(benchmark.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = tmp_path / "row.json"
     code = benchmark.main(["--worker", "--tiny", "--num_crops", "1", "--strategies", "lora", "--flash", "on",
                            "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"),
@@ -143,7 +155,7 @@ def test_frozen_vision_tower_costs_only_its_forward():
 def test_phi35_vision_flops_per_token():
     from common.phi3v import Phi3VConfig
 
-    dims = ModelDims.from_config(Phi3VConfig.from_json_file(str(benchmark.OFFICIAL_CONFIG)))
+    dims = ModelDims.from_config(Phi3VConfig.from_json_file(str(OFFICIAL_CONFIG)))
     assert 4.0e9 < dims.matmul_params() < 4.2e9  # 4.15B parameters minus the 98M embedding table
     crops, image_tokens = image_layout((1700, 2200), 16)
     assert (crops, image_tokens) == (17, 2509)
@@ -171,25 +183,25 @@ def test_utilization_and_peak_table():
 
 
 def test_data_limited_flag_and_markdown():
-    row = {**benchmark.base_row(benchmark.build_benchmark_parser().parse_args([]), "lora", True),
+    row = {**base_row(benchmark.build_benchmark_parser().parse_args([]), "lora", True),
            "status": "ok", "samples_per_s": 12.0, "nodes": 1, "gpus": 1, "images_per_s": 12.0,
            "images_per_s_per_gpu": 12.0, "mfu": 0.3, "peak_mem_allocated_gib": 20.0, "data_wait_fraction": 0.1,
            "precision": "bf16", "mean_tokens_per_sample": 2540.0, "device": "NVIDIA H100 80GB HBM3"}
     data = {"samples_per_s_per_core": 3.0, "cores": 2, "capacity_samples_per_s": 6.0, "mean_tokens_per_sample": 2540.0}
-    benchmark.flag_data_bound([row], data)
+    flag_data_bound([row], data)
     assert row["data_limited"] is True
     args = benchmark.build_benchmark_parser().parse_args([])
     report = {"meta": {"device": "H100 x 1", "date": "today", "host": "h", "cores": 2, "versions": {"torch": "x"},
                        "model": "m", "precision": "bf16", "page_size": "1700x2200", "num_crops": 16,
                        "mean_tokens_per_sample": 2540.0, "warmup_steps": args.warmup_steps, "steps": args.steps,
                        "data_path": data}, "rows": [row]}
-    text = benchmark.render_markdown(report)
+    text = render_markdown(report)
     assert "| LoRA | 1 | 1 | ✓ | 64 | 12.000 | 12.000 | 30.0% | 20.0 |" in text
     assert "⚠" in text
 
 
 def test_step_timer_window():
-    timer = benchmark.StepTimer(warmup_steps=1, steps=2)
+    timer = StepTimer(warmup_steps=1, steps=2)
     state = type("State", (), {"global_step": 0})()
     for step in (1, 2, 3):
         timer.on_step_begin(None, state, None)
@@ -197,17 +209,17 @@ def test_step_timer_window():
         timer.on_step_end(None, state, None)
     assert timer.seconds >= 0 and timer.data_wait >= 0
     with pytest.raises(RuntimeError):
-        _ = benchmark.StepTimer(1, 5).seconds
+        _ = StepTimer(1, 5).seconds
 
 
 # ---- the synthetic DocVQA page ---------------------------------------------------------------------------------
 
 
 def test_synthetic_page_is_deterministic_document():
-    page = benchmark.synthetic_page(3)
+    page = synthetic_page(3)
     assert page.size == (1700, 2200) and page.mode == "RGB"
-    assert page.tobytes() == benchmark.synthetic_page(3).tobytes()
-    assert page.tobytes() != benchmark.synthetic_page(4).tobytes()
+    assert page.tobytes() == synthetic_page(3).tobytes()
+    assert page.tobytes() != synthetic_page(4).tobytes()
     dark = sum(page.convert("L").point(lambda v: 255 if v < 128 else 0).histogram()[255:])
     assert 0.05 < dark / (1700 * 2200) < 0.5  # text-like ink coverage
 
@@ -218,12 +230,12 @@ def test_page_tokens_at_num_crops_16_match_the_recipe(tmp_path):
     from common.tiny_model import build_tokenizer
 
     page = tmp_path / "page.png"
-    benchmark.synthetic_page(0).save(page)
-    dataset = benchmark.docvqa_dataset([page], 4)
+    synthetic_page(0).save(page)
+    dataset = docvqa_dataset([page], 4)
     processor = Phi3VProcessor(Phi3VImageProcessor(num_crops=16), build_tokenizer())
     batch = Phi3VTrainCollator(processor)([dataset[i] for i in range(2)])
     tokens = batch["attention_mask"].sum(dim=1).tolist()
     assert batch["pixel_values"].shape == (2, 17, 3, 336, 336)
     for count in tokens:
-        assert abs(count - benchmark.RECIPE_TOKENS_PER_SAMPLE) <= 0.15 * benchmark.RECIPE_TOKENS_PER_SAMPLE
-    assert benchmark.sample_lengths(processor, dataset, (1700, 2200), limit=2) == tokens
+        assert abs(count - RECIPE_TOKENS_PER_SAMPLE) <= 0.15 * RECIPE_TOKENS_PER_SAMPLE
+    assert sample_lengths(processor, dataset, (1700, 2200), limit=2) == tokens

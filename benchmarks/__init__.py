@@ -1,0 +1,1 @@
+"""The pieces of benchmark.py: FLOPs, synthetic data, assets, the worker, the launcher and the report."""
