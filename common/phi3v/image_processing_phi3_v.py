@@ -1,10 +1,10 @@
 """Phi-3.5-vision image processor: the "HD transform" into 336x336 crops plus one global view.
 
 Reimplements the hub remote code (`image_processing_phi3_v.py`, transformers 4.45) with PIL/numpy/torch only.
-For each image: convert to RGB (alpha dropped), resize so that at most `num_crops` 336x336 tiles
-cover it (keeping the aspect ratio), pad the short side with white to a multiple of 336, normalise with the
-CLIP mean/std, then emit `[global 336x336 bicubic downscale, tile_0, tile_1, ...]` zero-padded to
-`num_crops + 1` entries.
+For each image: convert to RGB (alpha dropped; grayscale stays one plane until normalisation, which gives
+the same pixels), resize so that at most `num_crops` 336x336 tiles cover it (keeping the aspect ratio), pad
+the short side with white to a multiple of 336, normalise with the CLIP mean/std, then emit
+`[global 336x336 bicubic downscale, tile_0, tile_1, ...]` zero-padded to `num_crops + 1` entries.
 """
 
 from __future__ import annotations
@@ -131,10 +131,15 @@ def to_pil(image: ImageLike) -> Image.Image:
     )
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB via PIL's `convert`: alpha is dropped, not composited (the original's behaviour,
-    checked against its output on an RGBA image)."""
-    if image.mode == "RGB":
+def to_rgb_or_gray(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB via PIL's `convert`, except that "L" stays "L".
+
+    Alpha is dropped, not composited (the original's behaviour, checked against its output on an RGBA image).
+    "L" is kept because `convert("RGB")` only replicates it into three equal channels, and PIL resamples each
+    channel independently with the same integer arithmetic, so resizing the one plane gives bit-identical
+    pixels at a third of the resize cost (`hd_canvas` broadcasts it to three channels).
+    """
+    if image.mode in ("RGB", "L"):
         return image
     try:
         return image.convert("RGB")
@@ -142,33 +147,72 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise ValueError(f"could not convert image of mode {image.mode!r} to RGB: {err}") from err
 
 
-def hd_transform(image: Image.Image, num_crops: int) -> np.ndarray:
-    """RGB PIL image -> uint8 array (H, W, 3) with H, W multiples of 336 holding at most num_crops tiles.
+def hd_resize(image: Image.Image, num_crops: int) -> tuple[np.ndarray, bool, int]:
+    """RGB or L PIL image -> (resized uint8 array (C, h, w) with C = 3 or 1, transposed, padded length).
 
-    Portrait images are transposed before and after, exactly like the original, because PIL's two-pass
-    resampling rounds between passes and is therefore not transpose-symmetric.
+    The array is in the input's orientation; the HD image pads it with white along its short axis (rows
+    for a landscape image, columns for a portrait one, i.e. `transposed`) to the padded length, a multiple
+    of 336.
+    Portrait images are resized transposed, exactly like the original, because PIL's two-pass resampling
+    rounds between passes and is therefore not transpose-symmetric; the result is transposed back in PIL
+    (~1 ms for a page, about what a strided copy from a numpy transpose view would cost later) so that the
+    rest of the pipeline works in the input's orientation.
     """
     transposed = image.width < image.height
     if transposed:
         image = image.transpose(Image.Transpose.TRANSPOSE)
     resized_w, resized_h, padded_h = hd_transform_size(image.width, image.height, num_crops)
-    resized = np.asarray(image.resize((resized_w, resized_h), Image.Resampling.BILINEAR))
-    top = int((padded_h - resized_h) / 2)
-    padded = np.full((padded_h, resized_w, 3), 255, dtype=np.uint8)
-    padded[top : top + resized_h] = resized
-    return padded.transpose(1, 0, 2) if transposed else padded
+    resized = image.resize((resized_w, resized_h), Image.Resampling.BILINEAR)
+    if transposed:
+        resized = resized.transpose(Image.Transpose.TRANSPOSE)
+    array = np.asarray(resized)  # (h, w, 3) for RGB, (h, w) for L; read-only
+    return (array.transpose(2, 0, 1) if array.ndim == 3 else array[None]), transposed, padded_h
 
 
-def to_crops(hd_image: torch.Tensor) -> torch.Tensor:
-    """Normalised (3, H, W) HD image -> (1 + H/336 * W/336, 3, 336, 336): global view, then tiles row-major."""
-    _, height, width = hd_image.shape
-    global_view = F.interpolate(hd_image.unsqueeze(0), size=(CROP_SIZE, CROP_SIZE), mode="bicubic")
-    tiles = (
-        hd_image.reshape(3, height // CROP_SIZE, CROP_SIZE, width // CROP_SIZE, CROP_SIZE)
-        .permute(1, 3, 0, 2, 4)
-        .reshape(-1, 3, CROP_SIZE, CROP_SIZE)
-    )
-    return torch.cat([global_view, tiles], dim=0)
+def hd_canvas(image: Image.Image, num_crops: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """RGB or L PIL image -> normalised, white-padded HD image, contiguous float32 (3, H, W), H and W
+    multiples of 336 holding at most num_crops tiles. `mean`, `std`: float32 (3,).
+
+    Bit-identical to the original's `ToTensor()` + `Normalize` of the padded uint8 image: the same float32
+    ops (`/ 255`, `- mean`, `/ std`) in the same order, but in place on the content band of one preallocated
+    canvas, and the padding filled with the normalised white value instead of being normalised pixel by
+    pixel. Contiguous (the original's tensor was a channels-last, and for portraits transposed, view) so
+    that the bicubic global view and the tile copies read memory in order.
+    """
+    content, transposed, padded = hd_resize(image, num_crops)
+    # Pad axis of the (3, H, W) canvas: rows (1) for landscape content, columns (2) for portrait.
+    axis = 2 if transposed else 1
+    length = content.shape[axis]
+    shape = [3, *content.shape[1:]]
+    shape[axis] = padded
+    canvas = torch.empty(shape, dtype=torch.float32)
+    top = int((padded - length) / 2)
+    band = canvas.narrow(axis, top, length)
+    # uint8 -> float32 straight into the canvas (numpy view of its memory: no temporary, and no torch
+    # warning about the read-only PIL buffer); a 1-channel (L) plane broadcasts to the three channels.
+    np.copyto(band.numpy(), content, casting="unsafe")
+    band.div_(255).sub_(mean[:, None, None]).div_(std[:, None, None])
+    white = torch.full((3, 1, 1), 255.0).div_(255).sub_(mean[:, None, None]).div_(std[:, None, None])
+    canvas.narrow(axis, 0, top).copy_(white)
+    canvas.narrow(axis, top + length, padded - top - length).copy_(white)
+    return canvas
+
+
+def write_crops(canvas: torch.Tensor, out: torch.Tensor) -> None:
+    """Normalised (3, H, W) HD image -> `out` (num_crops + 1, 3, 336, 336), written in place: the global
+    bicubic 336x336 view in slot 0, the H/336 * W/336 tiles row-major in the next slots, zeros after.
+
+    The global view interpolates the normalised image, as the original did (not the uint8 one: bicubic
+    overshoot and rounding would differ). The tiles are one strided copy from a view of the canvas, without
+    the original's reshape copy, `cat` and zero-padded output copy.
+    """
+    _, height, width = canvas.shape
+    rows, cols = height // CROP_SIZE, width // CROP_SIZE
+    used = 1 + rows * cols
+    out[0] = F.interpolate(canvas.unsqueeze(0), size=(CROP_SIZE, CROP_SIZE), mode="bicubic")[0]
+    tiles = canvas.view(3, rows, CROP_SIZE, cols, CROP_SIZE).permute(1, 3, 0, 2, 4)
+    out[1:used].view(rows, cols, 3, CROP_SIZE, CROP_SIZE).copy_(tiles)
+    out[used:].zero_()
 
 
 class Phi3VImageProcessor(BaseImageProcessor):
@@ -223,16 +267,13 @@ class Phi3VImageProcessor(BaseImageProcessor):
         std = torch.tensor(self.image_std if image_std is None else image_std, dtype=torch.float32)
 
         images = _as_list(images)
-        pixel_values = torch.zeros(len(images), self.num_crops + 1, 3, CROP_SIZE, CROP_SIZE)
+        # Every slot is written by `write_crops` (unused ones zeroed there), so no zero-fill up front.
+        pixel_values = torch.empty(len(images), self.num_crops + 1, 3, CROP_SIZE, CROP_SIZE)
         image_sizes = torch.zeros(len(images), 2, dtype=torch.long)
         for index, image in enumerate(images):
-            hd_image = hd_transform(to_rgb(to_pil(image)), self.num_crops)
-            # ToTensor + Normalize, in float32 like torchvision.
-            normalised = torch.from_numpy(hd_image).permute(2, 0, 1).float().div(255)
-            normalised = normalised.sub(mean[:, None, None]).div(std[:, None, None])
-            crops = to_crops(normalised)
-            pixel_values[index, : len(crops)] = crops
-            image_sizes[index] = torch.tensor(normalised.shape[1:])
+            canvas = hd_canvas(to_rgb_or_gray(to_pil(image)), self.num_crops, mean, std)
+            write_crops(canvas, pixel_values[index])
+            image_sizes[index] = torch.tensor(canvas.shape[1:])
         num_img_tokens = [num_image_tokens(h, w) for h, w in image_sizes.tolist()]
         return BatchFeature(
             data={"pixel_values": pixel_values, "image_sizes": image_sizes, "num_img_tokens": num_img_tokens}

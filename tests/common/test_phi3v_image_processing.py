@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.phi3v.image_processing_phi3_v import Phi3VImageProcessor
+from common.phi3v.image_processing_phi3_v import Phi3VImageProcessor, hd_transform_size
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "phi3v_reference"
 IMAGES = FIXTURES / "images"
@@ -201,3 +201,65 @@ def test_loads_official_config_without_remote_code():
     assert processor.num_crops == 4
     assert "auto_map" not in processor.to_dict()
     assert Phi3VImageProcessor.from_pretrained(FIXTURES / "tiny_phi3v", num_crops=16).num_crops == 16
+
+
+def _original_pixel_values(image: Image.Image, num_crops: int) -> tuple[torch.Tensor, list[int]]:
+    """The previous, straightforward implementation of the HD transform (uint8 white padding, out-of-place
+    ToTensor + Normalize on the channels-last view, reshape + cat + zero padding): the oracle that the
+    optimised `preprocess` must reproduce. Returns pixel values (num_crops + 1, 3, 336, 336) and the padded
+    [height, width]."""
+    image = image.convert("RGB")
+    transposed = image.width < image.height
+    if transposed:
+        image = image.transpose(Image.Transpose.TRANSPOSE)
+    resized_w, resized_h, padded_h = hd_transform_size(image.width, image.height, num_crops)
+    resized = np.asarray(image.resize((resized_w, resized_h), Image.Resampling.BILINEAR))
+    top = int((padded_h - resized_h) / 2)
+    padded = np.full((padded_h, resized_w, 3), 255, dtype=np.uint8)
+    padded[top : top + resized_h] = resized
+    if transposed:
+        padded = padded.transpose(1, 0, 2)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    hd_image = torch.from_numpy(padded).permute(2, 0, 1).float().div(255)
+    hd_image = hd_image.sub(mean[:, None, None]).div(std[:, None, None])
+    _, height, width = hd_image.shape
+    global_view = torch.nn.functional.interpolate(hd_image.unsqueeze(0), size=(336, 336), mode="bicubic")
+    tiles = (
+        hd_image.reshape(3, height // 336, 336, width // 336, 336)
+        .permute(1, 3, 0, 2, 4)
+        .reshape(-1, 3, 336, 336)
+    )
+    crops = torch.cat([global_view, tiles])
+    out = torch.zeros(num_crops + 1, 3, 336, 336)
+    out[: len(crops)] = crops
+    return out, [height, width]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_matches_straightforward_implementation_on_random_images(seed):
+    """Random sizes (portrait, landscape, square, extreme), modes and crop budgets: the tiles and unused slots
+    must be bit-identical to the straightforward implementation (same float32 ops on the same values). The
+    global view is too on current torch; it gets ULP slack only because it interpolates a contiguous tensor
+    where the original's was a channels-last view, and a future channels-last bicubic kernel could sum its
+    taps in another order."""
+    rng = np.random.default_rng(seed)
+    width, height = (int(size) for size in rng.integers(1, 900, 2))
+    if seed == 5:  # extreme aspect ratios: a one-row resize, mostly padding
+        width, height = 1400, 3
+    elif seed == 11:
+        width, height = 4, 1300
+    mode = ["RGB", "L", "RGBA", "P"][seed % 4]
+    num_crops = [1, 2, 4, 9, 16][seed % 5]
+    # Smooth gradients plus noise: both flat regions (like documents) and rounding-sensitive detail.
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = (xx * 255 // max(width, 1) + yy * 127 // max(height, 1))[..., None] + np.array([0, 60, 120])
+    noisy = (base + rng.integers(-40, 40, (height, width, 3))) % 256
+    image = Image.fromarray(noisy.astype(np.uint8)).convert(mode)
+
+    out = Phi3VImageProcessor(num_crops=num_crops)(image)
+    expected, expected_size = _original_pixel_values(image, num_crops)
+    assert out["image_sizes"][0].tolist() == expected_size
+    pixel_values = out["pixel_values"][0]
+    assert torch.equal(pixel_values[1:], expected[1:])
+    torch.testing.assert_close(pixel_values[0], expected[0], atol=1e-6, rtol=0)
