@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from accelerate import PartialState
 from transformers import AutoProcessor, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -66,12 +67,31 @@ def _prefetch_factor(accumulation: int, workers: int) -> int | None:
     return min(8, max(2, math.ceil(accumulation / workers))) if workers else None
 
 
+def _cpu_deepspeed_state() -> dict:
+    """Without a GPU, accelerate starts DeepSpeed's process group with no backend of its own and counts one
+    process, so under torchrun every rank would train alone (and DeepSpeed rejects the batch size). Set the
+    state up on gloo first and have TrainingArguments use it; GPU runs never come here."""
+    previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what TrainingArguments sets while it builds the state
+    try:
+        PartialState(backend="gloo")
+    finally:
+        if previous is None:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
+    return {"use_configured_state": True}
+
+
 def training_arguments(args, strategy: TrainingStrategy, precision: Precision) -> TrainingArguments:
     """The recipe's hyperparameters; gradient accumulation makes up the global batch size."""
     accumulation = args.batch_size // (world_size() * args.batch_size_per_gpu)
     deepspeed = (args.deepspeed or str(DEFAULT_DEEPSPEED_CONFIG)) if strategy.uses_deepspeed else None
+    accelerator_config = None
     if deepspeed:
         _single_process_rendezvous()
+        if not torch.cuda.is_available():
+            accelerator_config = _cpu_deepspeed_state()
     return TrainingArguments(
         output_dir=args.output_dir,
         num_train_epochs=args.num_train_epochs,
@@ -103,6 +123,7 @@ def training_arguments(args, strategy: TrainingStrategy, precision: Precision) -
         dataloader_prefetch_factor=_prefetch_factor(accumulation, args.dataloader_num_workers),
         ddp_find_unused_parameters=False,
         seed=args.seed,
+        accelerator_config=accelerator_config,
     )
 
 

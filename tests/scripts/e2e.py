@@ -1,0 +1,333 @@
+"""Helpers of the end-to-end tests: run the real scripts on tiny synthetic data, check what they leave behind.
+
+Runs of `python SCRIPT ARGS` go through `_launcher.py`, a fork server that has imported the training stack
+once (see there): every run is still its own process, at a fraction of the cost. `torchrun` launches are
+plain subprocesses. Data sets are written per test module in each task's own schema; images are tiny solid
+colours. The tiny model is the session's `tiny_model_dir` (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import common  # noqa: F401  (registers phi3_v with the Auto classes)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = {
+    name: REPO_ROOT / f"finetune_hf_trainer_{name}.py" for name in ("docvqa", "hateful_memes", "nlvr2", "ucf101")
+}
+STRATEGIES = {
+    "full": [],
+    "frozen": ["--freeze_vision_model"],
+    "lora": ["--use_lora"],
+    "qlora": ["--use_qlora"],
+}
+STRATEGY_NAMES = {"full": "full finetuning", "frozen": "full finetuning (frozen vision)", "lora": "LoRA", "qlora": "QLoRA"}
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+COLOUR_QUESTION = "Which colour is this? Answer red, green or blue."
+RUN_TIMEOUT = 300
+
+
+def script_env() -> dict[str, str]:
+    """Environment of every script run: offline, the repository importable, one thread per process."""
+    env = dict(os.environ)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
+    env.update(
+        PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def fast_args(model_dir: Path, output_dir: Path, *extra: str | Path) -> list[str]:
+    """The flags that keep a run to seconds: 2 optimizer steps of 2 samples, 1 crop, 4 generated tokens.
+    No warm-up and a large learning rate, so two steps visibly change the trained weights."""
+    return [
+        "--model_name_or_path", str(model_dir), "--output_dir", str(output_dir),
+        "--num_crops", "1", "--batch_size", "2", "--batch_size_per_gpu", "2", "--max_steps", "2",
+        "--learning_rate", "1e-3", "--warmup_steps", "0", "--lora_rank", "8",
+        "--dataloader_num_workers", "0", "--max_new_tokens", "4", "--logging_steps", "1", "--no-tqdm",
+        *map(str, extra),
+    ]
+
+
+# ---- running the scripts ------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join((self.stdout + "\n--- stderr ---\n" + self.stderr).splitlines()[-lines:])
+
+    def check(self) -> Result:
+        assert self.returncode == 0, f"{' '.join(self.argv)} failed with {self.returncode}:\n{self.tail()}"
+        return self
+
+
+class Launcher:
+    """Client of `_launcher.py`: `run(script, args)` behaves like `subprocess.run([python, script, *args])`."""
+
+    def __init__(self, work_dir: Path):
+        self.work_dir = work_dir
+        self.lock = threading.Lock()
+        self.count = 0
+        self.log = open(work_dir / "launcher.log", "w")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("_launcher.py"))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=work_dir, env=script_env(),
+        )
+        ready = self.process.stdout.readline()
+        assert ready.startswith('{"ready"'), f"launcher failed to start, see {work_dir / 'launcher.log'}"
+
+    def run(self, script: Path, args: list, cwd: Path | None = None, timeout: float = RUN_TIMEOUT) -> Result:
+        with self.lock:
+            self.count += 1
+            stem = self.work_dir / f"run{self.count:03d}"
+            request = {
+                "argv": [str(script), *map(str, args)], "cwd": str(cwd or self.work_dir),
+                "stdout": f"{stem}.out", "stderr": f"{stem}.err", "status": f"{stem}.status", "threads": 1,
+            }
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            pid = json.loads(self.process.stdout.readline())["pid"]
+        status_file = Path(request["status"])
+        deadline = time.monotonic() + timeout
+        while not status_file.exists():
+            if not _alive(pid):
+                time.sleep(0.2)  # the status is written just before the child exits
+                break
+            if time.monotonic() > deadline:
+                os.killpg(pid, signal.SIGKILL)
+                break
+            time.sleep(0.1)
+        returncode = int(status_file.read_text()) if status_file.exists() else -9
+        return Result(request["argv"], returncode, Path(request["stdout"]).read_text(), Path(request["stderr"]).read_text())
+
+    def run_many(self, jobs: dict[str, tuple], parallel: int = 2) -> dict[str, Result]:
+        """{name: (script, args)} -> {name: Result}, `parallel` runs at a time (one thread each)."""
+        with ThreadPoolExecutor(parallel) as pool:
+            futures = {name: pool.submit(self.run, *job) for name, job in jobs.items()}
+            return {name: future.result() for name, future in futures.items()}
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def torchrun(script: Path, args: list, *launch: str, cwd: Path) -> subprocess.Popen:
+    """Start `python -m torch.distributed.run LAUNCH... SCRIPT ARGS` in its own process group; `finish` waits."""
+    command = [sys.executable, "-m", "torch.distributed.run", *launch, str(script), *map(str, args)]
+    return subprocess.Popen(command, cwd=cwd, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> Result:
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and its workers
+        stdout, stderr = process.communicate()
+    return Result(list(map(str, process.args)), process.returncode, stdout, stderr)
+
+
+# ---- synthetic data in each task's schema ---------------------------------------------------------------
+
+
+def colour_image(name: str, size: tuple[int, int] = (32, 24)) -> Image.Image:
+    return Image.new("RGB", size, COLOURS[name])
+
+
+def colour_names(count: int, offset: int = 0) -> list[str]:
+    names = list(COLOURS)
+    return [names[(offset + i) % len(names)] for i in range(count)]
+
+
+def write_docvqa(path: Path, num_train: int = 4, num_validation: int = 3) -> Path:
+    """HuggingFaceM4/DocumentVQA's schema (image, question, answers), both splits, via save_to_disk."""
+    features = datasets.Features(
+        {"image": datasets.Image(), "question": datasets.Value("string"), "answers": datasets.List(datasets.Value("string"))}
+    )
+
+    def split(count: int, offset: int) -> datasets.Dataset:
+        names = colour_names(count, offset)
+        return datasets.Dataset.from_dict(
+            {
+                "image": [colour_image(name, (40 + 4 * i, 30)) for i, name in enumerate(names)],
+                "question": ["What colour is the page?"] * count,
+                "answers": [[name, f"{name} page"] for name in names],
+            },
+            features=features,
+        )
+
+    datasets.DatasetDict({"train": split(num_train, 0), "validation": split(num_validation, 1)}).save_to_disk(str(path))
+    return path
+
+
+def cauldron_rows(subset: str, count: int) -> datasets.Dataset:
+    """the_cauldron's schema: `images` (1 meme, or the NLVR2 pair) and `texts` [{"user", "assistant", "source"}]."""
+    features = datasets.Features(
+        {
+            "images": datasets.List(datasets.Image()),
+            "texts": datasets.List(
+                {"user": datasets.Value("string"), "assistant": datasets.Value("string"), "source": datasets.Value("string")}
+            ),
+        }
+    )
+    rows = {"images": [], "texts": []}
+    for i, name in enumerate(colour_names(count)):
+        if subset == "nlvr2":
+            other = colour_names(1, i + 1)[0]
+            rows["images"].append([colour_image(name), colour_image(other, (24, 32))])
+            rows["texts"].append([{"user": f"The left image is {name}. True or False?", "assistant": "True", "source": "nlvr2"}])
+        else:
+            rows["images"].append([colour_image(name)])
+            answer = "yes" if name == "red" else "no"
+            rows["texts"].append([{"user": "Is this meme hateful? Answer yes or no.", "assistant": answer, "source": subset}])
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def write_cauldron(path: Path, subset: str, count: int, fmt: str) -> Path:
+    """A local copy of one the_cauldron subset: a save_to_disk folder ("disk") or a parquet file ("parquet")."""
+    rows = cauldron_rows(subset, count)
+    if fmt == "parquet":
+        path = path.with_suffix(".parquet")
+        rows.to_parquet(str(path))
+    else:
+        datasets.DatasetDict({"train": rows}).save_to_disk(str(path))
+    return path
+
+
+def write_generic(root: Path, splits: dict[str, list[dict]], images: dict[str, Image.Image], name: str = "colour") -> Path:
+    """The generic format: {name}_{split}.jsonl with one sample per line, image files under images/."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for file_name, image in images.items():
+        image.save(root / "images" / file_name)
+    for split, records in splits.items():
+        with open(root / f"{name}_{split}.jsonl", "w") as file:
+            file.writelines(json.dumps(record) + "\n" for record in records)
+    return root
+
+
+def colour_task(root: Path, num_train: int, num_val: int, size: tuple[int, int] = (32, 24)) -> Path:
+    """Name the solid colour of an image, in the generic format: a task a tiny model learns in seconds."""
+    splits, images = {}, {}
+    for split, count, offset in (("train", num_train, 0), ("val", num_val, 1)):
+        splits[split] = []
+        for i, colour in enumerate(colour_names(count, offset)):
+            file_name = f"{split}-{i}.png"
+            images[file_name] = colour_image(colour, size)
+            splits[split].append(
+                {"id": f"{split}-{i}", "conversations": [{"images": [file_name], "user": COLOUR_QUESTION, "assistant": colour}]}
+            )
+    return write_generic(root, splits, images)
+
+
+def load_module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def convert_ucf(launcher: Launcher, work_dir: Path, classes=("Archery", "BabyCrawling"), num_frames: int = 8) -> Path:
+    """Synthetic UCF-101 videos (tests/test_convert_ucf101.py's helpers) through convert_ucf101.py."""
+    video_helpers = load_module(REPO_ROOT / "tests" / "test_convert_ucf101.py", "ucf_video_helpers")
+    source = work_dir / "UCF101_subset"
+    video_helpers.make_ucf_tree(source, classes=classes, splits=("train", "val"), videos_per_class=2,
+                                frames_per_video=8, size=(32, 24))
+    out_dir = work_dir / "converted"
+    args = ["--src", source, "--out_dir", out_dir, "--num_frames", num_frames, "--num_workers", "1", "--no-tqdm"]
+    launcher.run(REPO_ROOT / "convert_ucf101.py", args).check()
+    return out_dir
+
+
+# ---- what a finished run leaves behind ----------------------------------------------------------------
+
+
+def read_eval(output_dir: Path, when: str) -> dict:
+    return json.loads((output_dir / f"eval_{when}.json").read_text())
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as file:
+        return {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
+
+
+def assert_finished_run(result: Result, output_dir: Path, strategy: str, base_model: Path, num_eval: int) -> None:
+    """The recipe's outputs: both evaluations over every eval sample, the curves, a model that loads back
+    (official-format weights for full finetuning, a peft adapter for LoRA), and the processor."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    result.check()
+    assert f" with {STRATEGY_NAMES[strategy]} on " in result.stdout  # the flags chose the strategy
+    for when in ("before", "after"):  # printed once, by rank 0
+        assert len(re.findall(rf"^[A-Z]+ {when} finetuning: \d", result.stdout, re.MULTILINE)) == 1, result.tail()
+    for when in ("before", "after"):
+        report = read_eval(output_dir, when)
+        assert report["num_samples"] == num_eval == len(report["predictions"]) == len(set(report["ids"]))
+        assert 0.0 <= report[report["metric"]] <= 1.0
+    assert (output_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    processor = AutoProcessor.from_pretrained(output_dir)
+    assert processor.image_processor.num_crops == 1  # --num_crops is saved with the run
+
+    base = tensors(base_model / "model.safetensors")
+    if strategy in ("full", "frozen"):
+        assert not (output_dir / "adapter_config.json").exists()
+        trained = tensors(output_dir / "model.safetensors")
+        assert trained.keys() == base.keys()  # the official checkpoint layout
+        changed = {key for key in base if not torch.equal(base[key], trained[key])}
+        vision_changed = {key for key in changed if ".vision_embed_tokens." in key}
+        assert changed - vision_changed, "no language weight was trained"
+        assert bool(vision_changed) == (strategy == "full"), sorted(vision_changed)[:5]
+        model, info = AutoModelForCausalLM.from_pretrained(output_dir, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        assert type(model).__name__ == "Phi3VForCausalLM"
+    else:
+        assert not (output_dir / "model.safetensors").exists()
+        config = json.loads((output_dir / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and config["r"] == 8
+        adapter = tensors(output_dir / "adapter_model.safetensors")
+        lora_b = [value for key, value in adapter.items() if "lora_B" in key]
+        assert lora_b and any(value.abs().sum() > 0 for value in lora_b), "the adapter was not trained"
+        assert any("vision_model" in key for key in adapter)  # the recipe also adapts the CLIP tower
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), output_dir)
+        assert any("lora_A" in name for name, _ in model.named_parameters())
