@@ -95,8 +95,8 @@ def measure(args, strategy: str, flash: bool) -> dict:
     from transformers import AutoConfig, AutoProcessor, Trainer
 
     from common.arguments import world_size
-    from common.finetune import training_arguments
     from common.strategy import TrainingStrategy, build_model
+    from common.training_arguments import training_arguments
 
     for flag, value in STRATEGIES[strategy][1].items():
         setattr(args, flag, value)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any
 import datasets
 from PIL import Image
 from torch.utils.data import Dataset
+
+_IMAGE_TAG = re.compile(r"<\|image_\d+\|>")
 
 
 @dataclass
@@ -84,6 +87,22 @@ class SampleDataset(Dataset):
         for turn in sample.turns:
             turn.images = [open_image(image, sample.id, self.base_dir) for image in turn.images]
         return sample
+
+    def stored_problems(self) -> list[str]:
+        """What can be found wrong without decoding: image files that do not exist and `<|image_N|>` tags typed
+        into the text (images are placed by the 'images' lists). Only in-memory samples (the generic jsonl
+        format) are checked; hub and parquet rows embed their images and are checked when encoded."""
+        if not isinstance(self.rows, list):
+            return []
+        problems = []
+        for sample in self.rows:
+            for turn in sample.turns:
+                if _IMAGE_TAG.search(turn.user):
+                    problems.append(f"sample {sample.id}: user text contains an <|image_N|> tag; list images in 'images'")
+                for image in turn.images:
+                    if isinstance(image, str) and not (self.base_dir / image).is_file():
+                        problems.append(f"sample {sample.id}: image {self.base_dir / image} does not exist")
+        return problems
 
     def subset(self, indices: Sequence[int]) -> SampleDataset:
         """The rows at `indices`; samples keep the ids of their original positions."""

@@ -10,11 +10,8 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import math
 import os
-import re
 import shutil
-import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +19,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from accelerate import PartialState
 from transformers import AutoProcessor, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -32,13 +28,12 @@ from .data import SampleDataset, load_conversation_splits
 from .evaluation import evaluate
 from .metrics import Metric
 from .plotting import plot_training_curves
-from .precision import Precision, resolve_precision
+from .precision import resolve_precision
 from .strategy import TrainingStrategy, build_model, load_model
+from .training_arguments import training_arguments
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
-_IMAGE_TAG = re.compile(r"<\|image_\d+\|>")
 
 
 @dataclass(frozen=True)
@@ -50,102 +45,10 @@ class Task:
     load_datasets: Callable[[argparse.Namespace], tuple[SampleDataset, SampleDataset]]
 
 
-def _single_process_rendezvous() -> None:
-    """`python SCRIPT` (no torchrun): DeepSpeed needs a process group even for one process and would otherwise
-    look for MPI, so describe a world of one on a free local port."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
-def _prefetch_factor(accumulation: int, workers: int) -> int | None:
-    """The Trainer fetches all micro-batches of an optimizer step before computing any, so the workers must
-    hold a whole step ready or the GPU waits for data at every step (capped: each batch can be ~25 MB)."""
-    return min(8, max(2, math.ceil(accumulation / workers))) if workers else None
-
-
-def _cpu_deepspeed_state() -> dict:
-    """Without a GPU, accelerate starts DeepSpeed's process group with no backend of its own and counts one
-    process, so under torchrun every rank would train alone (and DeepSpeed rejects the batch size). Set the
-    state up on gloo first and have TrainingArguments use it; GPU runs never come here."""
-    previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what TrainingArguments sets while it builds the state
-    try:
-        PartialState(backend="gloo")
-    finally:
-        if previous is None:
-            del os.environ["ACCELERATE_USE_DEEPSPEED"]
-        else:
-            os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
-    return {"use_configured_state": True}
-
-
-def training_arguments(args, strategy: TrainingStrategy, precision: Precision) -> TrainingArguments:
-    """The recipe's hyperparameters; gradient accumulation makes up the global batch size."""
-    accumulation = args.batch_size // (world_size() * args.batch_size_per_gpu)
-    deepspeed = (args.deepspeed or str(DEFAULT_DEEPSPEED_CONFIG)) if strategy.uses_deepspeed else None
-    accelerator_config = None
-    if deepspeed:
-        _single_process_rendezvous()
-        if not torch.cuda.is_available():
-            accelerator_config = _cpu_deepspeed_state()
-    return TrainingArguments(
-        output_dir=args.output_dir,
-        num_train_epochs=args.num_train_epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size_per_gpu,
-        gradient_accumulation_steps=accumulation,
-        activation_checkpointing=True,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        optim="adamw_torch",
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        adam_epsilon=1e-7,
-        learning_rate=args.learning_rate,
-        weight_decay=args.wd,
-        max_grad_norm=1.0,
-        lr_scheduler_type="linear",
-        warmup_steps=args.warmup_steps,
-        logging_steps=args.logging_steps,
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
-        save_total_limit=args.save_total_limit,
-        bf16=precision.bf16,
-        fp16=precision.fp16,
-        remove_unused_columns=False,
-        report_to=args.report_to,
-        deepspeed=deepspeed,
-        disable_tqdm=not args.tqdm,
-        dataloader_num_workers=args.dataloader_num_workers,
-        dataloader_prefetch_factor=_prefetch_factor(accumulation, args.dataloader_num_workers),
-        ddp_find_unused_parameters=False,
-        seed=args.seed,
-        accelerator_config=accelerator_config,
-    )
-
-
 def _setup_logging(training_args: TrainingArguments) -> None:
     level = logging.INFO if training_args.process_index == 0 else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
     transformers.utils.logging.set_verbosity(logging.WARNING if level == logging.INFO else level)
-
-
-def _check_samples(dataset: SampleDataset, split: str) -> None:
-    """Catch what can be caught without decoding: image files that are missing, tags typed into the text."""
-    problems = []
-    for sample in dataset.rows if not hasattr(dataset.rows, "features") else []:
-        for turn in sample.turns:
-            if _IMAGE_TAG.search(turn.user):
-                problems.append(f"sample {sample.id}: user text contains an <|image_N|> tag; list images in 'images'")
-            for image in turn.images:
-                if isinstance(image, str) and not (dataset.base_dir / image).is_file():
-                    problems.append(f"sample {sample.id}: image {dataset.base_dir / image} does not exist")
-    if problems:
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise SystemExit(f"error: bad {split} data:\n  " + "\n  ".join(problems[:10]) + more)
 
 
 def load_datasets(task: Task, args) -> tuple[SampleDataset, SampleDataset]:
@@ -155,7 +58,9 @@ def load_datasets(task: Task, args) -> tuple[SampleDataset, SampleDataset]:
     for split, dataset in (("training", train), ("evaluation", evaluation)):
         if len(dataset) == 0:
             raise SystemExit(f"error: the {split} set of {task.name} is empty")
-        _check_samples(dataset, split)
+        if problems := dataset.stored_problems():
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise SystemExit(f"error: bad {split} data:\n  " + "\n  ".join(problems[:10]) + more)
     return train, evaluation
 
 
@@ -175,18 +80,6 @@ def _evaluate_and_report(model, processor, task: Task, dataset, path: Path, when
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{task.metric.name.upper()} {when} finetuning: {score:.4f}", flush=True)
     return score
-
-
-def _model_for_evaluation(trainer: Trainer, args, strategy: TrainingStrategy, precision: Precision):
-    """Full finetuning evaluates the trained weights in memory; LoRA reloads the saved adapter onto a fresh
-    base model, which is also how users load it."""
-    if not strategy.lora:
-        return trainer.accelerator.unwrap_model(trainer.model)
-    device = trainer.args.device
-    del trainer
-    gc.collect()
-    torch.cuda.empty_cache()
-    return load_model(args.model_name_or_path, precision, adapter_path=args.output_dir).to(device)
 
 
 def _write_merged(model, processor, output_dir: Path) -> None:
@@ -248,7 +141,15 @@ def run_finetuning(task: Task, args: argparse.Namespace) -> dict[str, float]:
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
     trainer.accelerator.wait_for_everyone()
 
-    model = _model_for_evaluation(trainer, args, strategy, precision)
+    if strategy.lora:
+        # Reload the saved adapter onto a fresh base, as users load it; free the trained copy first.
+        trainer.accelerator.free_memory()
+        del model, trainer
+        gc.collect()
+        torch.cuda.empty_cache()
+        model = load_model(args.model_name_or_path, precision, adapter_path=args.output_dir).to(train_args.device)
+    else:
+        model = trainer.accelerator.unwrap_model(trainer.model)
     results["after"] = _evaluate_and_report(
         model, processor, task, eval_dataset, output_dir / "eval_after.json", "after", args
     )

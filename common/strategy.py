@@ -50,7 +50,9 @@ def quantization_config(strategy: TrainingStrategy, compute_dtype: torch.dtype) 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
 
 
-def lora_config(strategy: TrainingStrategy, rank: int, alpha_ratio: float, dropout: float) -> LoraConfig | None:
+def lora_config(
+    strategy: TrainingStrategy, rank: int, alpha_ratio: float, dropout: float, exclude_modules: str | None = None
+) -> LoraConfig | None:
     if not strategy.lora:
         return None
     targets = LANGUAGE_LORA_TARGETS + ([] if strategy.freeze_vision else VISION_LORA_TARGETS)
@@ -60,6 +62,7 @@ def lora_config(strategy: TrainingStrategy, rank: int, alpha_ratio: float, dropo
         lora_dropout=dropout,
         target_modules=targets,
         init_lora_weights="gaussian",
+        exclude_modules=exclude_modules,
         task_type="CAUSAL_LM",
     )
 
@@ -102,11 +105,15 @@ def build_model(args, strategy: TrainingStrategy, precision: Precision) -> PreTr
     model.config.use_cache = False  # the KV cache is useless with gradient checkpointing
     if strategy.quantize_4bit:
         _keep_4bit_layout_trainable(model)
-    adapters = lora_config(strategy, args.lora_rank, args.lora_alpha_ratio, args.lora_dropout)
+    # The CLIP layers after the feature layer never influence the output: they get no adapters (so the adapter
+    # loads onto a complete base model without missing keys) and are dropped from the model being trained.
+    adapters = lora_config(
+        strategy, args.lora_rank, args.lora_alpha_ratio, args.lora_dropout, model.unused_vision_layers_pattern()
+    )
     if adapters is not None:
-        model.trim_unused_vision_layers()  # DDP rejects parameters that never get a gradient
         model.enable_input_require_grads()
         model = get_peft_model(model, adapters)
+        model.get_base_model().trim_unused_vision_layers()  # never computed: saves the work, and DDP's checks
     if strategy.freeze_vision:
         vision = model.get_base_model() if isinstance(model, PeftModel) else model
         vision.model.vision_embed_tokens.requires_grad_(False)

@@ -204,6 +204,13 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
         return super().forward(inputs_embeds=inputs_embeds, **kwargs)
 
+    def unused_vision_layers_pattern(self) -> str | None:
+        """Regex of the module names of the CLIP layers `trim_unused_vision_layers` drops (None if none)."""
+        unused = range(self.vision_embed_tokens.feature_layer, self.config.vision_config.num_hidden_layers)
+        if not unused:
+            return None
+        return rf".*\.vision_model\.encoder\.layers\.({'|'.join(map(str, unused))})\..*"
+
     def trim_unused_vision_layers(self) -> None:
         """Drop the CLIP layers after the feature layer and the final layer norm.
 
@@ -268,6 +275,9 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
 
     def trim_unused_vision_layers(self) -> None:
         self.model.trim_unused_vision_layers()
+
+    def unused_vision_layers_pattern(self) -> str | None:
+        return self.model.unused_vision_layers_pattern()
 
 
 __all__ = ["Phi3VForCausalLM", "Phi3VModel", "Phi3VPreTrainedModel"]

@@ -259,6 +259,26 @@ def test_a_missing_image_is_reported_when_the_item_is_read(generic_dir):
         train[0]
 
 
+def test_stored_problems_of_a_clean_folder(generic_dir):
+    train, evaluation = load_conversation_splits(str(generic_dir))
+    assert train.stored_problems() == [] and evaluation.stored_problems() == []
+
+
+def test_stored_problems_name_missing_files_and_typed_tags(generic_dir):
+    (generic_dir / "images" / "train" / "t.1.png").unlink()
+    write_jsonl(generic_dir / "ucf101_val.jsonl", [
+        {"id": "val-9", "conversations": [{"images": ["val/v.0.png"], "user": "<|image_1|>\nWhat?", "assistant": "x"}]},
+    ])
+    train, evaluation = load_conversation_splits(str(generic_dir))
+    assert train.stored_problems() == [f"sample train-1: image {generic_dir / 'images' / 'train' / 't.1.png'} does not exist"]
+    assert evaluation.stored_problems() == ["sample val-9: user text contains an <|image_N|> tag; list images in 'images'"]
+
+
+def test_hub_rows_are_checked_when_encoded_not_up_front():
+    rows = datasets.Dataset.from_dict({"name": ["n0"], "question": ["q"], "answer": ["a"]})
+    assert SampleDataset(rows, _row_sample).stored_problems() == []
+
+
 # ---- SampleDataset.subset -----------------------------------------------------------------------------
 
 

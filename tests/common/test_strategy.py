@@ -1,6 +1,7 @@
 """common/strategy.py: strategy resolution, the LoRA / 4-bit configs, and build_model on the tiny model."""
 
 import argparse
+import warnings
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from common.strategy import (
     VISION_LORA_TARGETS,
     TrainingStrategy,
     build_model,
+    load_model,
     lora_config,
     quantization_config,
 )
@@ -200,6 +202,23 @@ def test_lora_trains_only_adapters_on_the_recipes_modules(tiny_model_dir, precis
     targets = RECIPE_LANGUAGE_TARGETS + RECIPE_VISION_TARGETS
     assert all(any(name == t or name.endswith("." + t) for t in targets) for name in adapted)
     assert len(adapted) == 2 * 4 + 1 + 6 + 2
+
+
+def test_lora_adapter_reloads_onto_a_complete_base_without_missing_keys(tiny_model_dir, precision, tmp_path, caplog):
+    """Training drops the unused last CLIP layer; the adapter config excludes it, so the saved adapter applies
+    to an untrimmed base (evaluation after training, users, --merge) with every adapter weight present."""
+    from peft import PeftModel
+
+    trained = build(tiny_model_dir, precision, use_lora=True)
+    assert trained.peft_config["default"].exclude_modules == r".*\.vision_model\.encoder\.layers\.(1)\..*"
+    trained.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reloaded = PeftModel.from_pretrained(load_model(str(tiny_model_dir), precision), tmp_path)
+    messages = [str(w.message) for w in caught] + [record.getMessage() for record in caplog.records]
+    assert not [m for m in messages if "missing" in m.lower()], messages
+    assert len(clip_of(reloaded).encoder.layers) == 2  # the base keeps every layer
+    assert lora_modules(reloaded) == lora_modules(trained)
 
 
 def test_lora_with_frozen_vision_puts_no_adapters_in_the_vision_model(tiny_model_dir, precision):
