@@ -135,6 +135,7 @@ def run_finetuning(task: Task, args: argparse.Namespace) -> dict[str, float]:
     except BaseException:
         _discard_unresumable_outputs(output_dir, created_output_dir, wrote_eval_before="before" in results)
         raise
+    model.config.use_cache = True  # switched off for training only; saved checkpoints generate with a cache
     trainer.save_model()
     if trainer.is_world_process_zero():
         processor.save_pretrained(output_dir)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install the project's dependencies into it: torch first, the CUDA build where an
-# NVIDIA GPU is present, otherwise the CPU build (a local wheel if pip knows one, else PyTorch's CPU index).
+# Create .venv (once) and install the project's dependencies into it. torch comes first: the CUDA build from
+# PyPI where an NVIDIA GPU is present; otherwise the CPU build, from a local wheel when pip is configured with
+# one (find-links), else from PyTorch's CPU index. requirements.txt then finds torch already satisfied.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
@@ -10,14 +11,14 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 pip() { .venv/bin/python -m pip "$@"; }
-pip install --quiet --upgrade pip
 
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         pip install --quiet "torch==${TORCH_VERSION}"
+    elif pip install --quiet --no-deps --no-index "torch==${TORCH_VERSION}" 2>/dev/null; then
+        pip install --quiet "torch==${TORCH_VERSION}"  # its dependencies, from the usual index
     else
-        pip install --quiet --no-index "torch==${TORCH_VERSION}" 2>/dev/null \
-            || pip install --quiet "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
+        pip install --quiet "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
     fi
 fi
 pip install --quiet -r requirements.txt

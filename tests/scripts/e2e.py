@@ -321,6 +321,7 @@ def assert_finished_run(result: Result, output_dir: Path, strategy: str, base_mo
         model, info = AutoModelForCausalLM.from_pretrained(output_dir, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"]
         assert type(model).__name__ == "Phi3VForCausalLM"
+        assert model.config.use_cache  # training switches the cache off; the saved model generates with one
     else:
         assert not (output_dir / "model.safetensors").exists()
         config = json.loads((output_dir / "adapter_config.json").read_text())
