@@ -98,8 +98,8 @@ def build_benchmark_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num_pages", type=int, default=8, help="distinct synthetic pages, cycled over")
     bench.add_argument("--data_samples", type=int, default=8, help="samples for the data-path timing (0: skip)")
     bench.add_argument("--prefetch_factor", type=int, default=None,
-                       help="batches prefetched per data-loader worker (default: one optimizer step ahead; "
-                            "0: the scripts' torch default of 2)")
+                       help="batches prefetched per data-loader worker (default: the scripts' value, an "
+                            "optimizer step ahead up to 8)")
     bench.add_argument("--peak_tflops", type=float, default=None,
                        help="peak dense bf16 TFLOPs per GPU for MFU (default: from the device name)")
     bench.add_argument("--results_md", default=None, help="markdown table (default OUTPUT_DIR/benchmark.md)")

@@ -15,13 +15,28 @@ Metric: ANLS (average normalised Levenshtein similarity, threshold 0.5, best ove
 """
 
 import random
+from functools import partial
 
 from common.arguments import build_parser
+from common.cli import main_guard
 from common.data import Sample, SampleDataset, Turn, base_dir_of, load_split
-from common.finetune import Task, main_guard, run_finetuning
+from common.finetune import Task, run_finetuning
 from common.metrics import ANLS
 
 MINI_TRAIN_FRACTION = 0.01
+
+
+def train_sample(seed: int, row, index: int) -> Sample:
+    # The recipe draws a random accepted answer; seeding by question keeps runs (and resumes) reproducible.
+    answer = random.Random(f"{seed}-{index}").choice(row["answers"])
+    return Sample(id=f"train-{index}", turns=[Turn(row["question"], answer, [row["image"]])])
+
+
+def eval_sample(row, index: int) -> Sample:
+    return Sample(
+        id=f"validation-{index}", turns=[Turn(row["question"], row["answers"][0], [row["image"]])],
+        references=list(row["answers"]),
+    )
 
 
 def load_docvqa(args) -> tuple[SampleDataset, SampleDataset]:
@@ -29,20 +44,11 @@ def load_docvqa(args) -> tuple[SampleDataset, SampleDataset]:
     eval_rows = load_split("HuggingFaceM4/DocumentVQA", None, "validation", args.dataset_path)
     if not args.full_train:
         train_rows = train_rows.select(range(max(1, round(len(train_rows) * MINI_TRAIN_FRACTION))))
-
-    def train_sample(row, index: int) -> Sample:
-        # The recipe draws a random accepted answer; seeding by question keeps runs (and resumes) reproducible.
-        answer = random.Random(f"{args.seed}-{index}").choice(row["answers"])
-        return Sample(id=f"train-{index}", turns=[Turn(row["question"], answer, [row["image"]])])
-
-    def eval_sample(row, index: int) -> Sample:
-        return Sample(
-            id=f"validation-{index}", turns=[Turn(row["question"], row["answers"][0], [row["image"]])],
-            references=list(row["answers"]),
-        )
-
     base_dir = base_dir_of(args.dataset_path)
-    return SampleDataset(train_rows, train_sample, base_dir), SampleDataset(eval_rows, eval_sample, base_dir)
+    return (
+        SampleDataset(train_rows, partial(train_sample, args.seed), base_dir),
+        SampleDataset(eval_rows, eval_sample, base_dir),
+    )
 
 
 TASK = Task("DocVQA", ANLS, load_docvqa)

@@ -16,8 +16,9 @@ Metric: accuracy of the generated answer (stripped of whitespace and periods, lo
 """
 
 from common.arguments import build_parser
+from common.cli import main_guard
 from common.data import load_cauldron_splits
-from common.finetune import Task, main_guard, run_finetuning
+from common.finetune import Task, run_finetuning
 from common.metrics import ACCURACY
 
 TASK = Task(

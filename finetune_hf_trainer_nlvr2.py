@@ -16,8 +16,9 @@ frozen vision lr 2e-5, 2 epochs: 89.20.
 """
 
 from common.arguments import build_parser
+from common.cli import main_guard
 from common.data import load_cauldron_splits
-from common.finetune import Task, main_guard, run_finetuning
+from common.finetune import Task, run_finetuning
 from common.metrics import ACCURACY
 
 TASK = Task("NLVR2", ACCURACY, lambda args: load_cauldron_splits("nlvr2", args.dataset_path, args.eval_size))

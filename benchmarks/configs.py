@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from common.cli import user_message
+
 REPO = Path(__file__).resolve().parent.parent
 OFFICIAL_CONFIG = REPO / "benchmarks" / "phi35v_config.json"
 
@@ -47,10 +49,7 @@ def error_reason(error: BaseException) -> str:
     elif isinstance(error, torch.cuda.OutOfMemoryError):
         text = "CUDA out of memory: " + str(error).split(".")[0]
     else:
-        message, marker = str(error), f"{type(error).__name__}: "
-        if "Original Traceback" in message and marker in message:  # re-raised from a DataLoader worker
-            message = message[message.rfind(marker) + len(marker):]
-        text = marker + message
+        text = f"{type(error).__name__}: {user_message(error)}"
     text = text.removeprefix("error: ").strip()
     return " ".join(text.split())[:500]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -113,14 +112,8 @@ def measure(args, strategy: str, flash: bool) -> dict:
     train_strategy = TrainingStrategy.from_args(args)
     precision = resolve_precision(args.bf16, args.use_flash_attention)
     train_args = training_arguments(args, train_strategy, precision)
-    accumulation = train_args.gradient_accumulation_steps
-    if args.dataloader_num_workers > 0:
-        # The Trainer fetches all micro-batches of an optimizer step before computing any: let the workers
-        # prepare a whole step ahead (the scripts keep torch's default 2 per worker); 0 = the scripts' default.
-        prefetch = args.prefetch_factor
-        if prefetch is None:
-            prefetch = min(16, max(2, math.ceil(accumulation / args.dataloader_num_workers)))
-        train_args.dataloader_prefetch_factor = prefetch or None
+    if args.prefetch_factor is not None and args.dataloader_num_workers > 0:
+        train_args.dataloader_prefetch_factor = args.prefetch_factor  # an experiment; default: the scripts' value
 
     processor = AutoProcessor.from_pretrained(model_path, num_crops=args.num_crops)
     dataset = docvqa_dataset(pages, (args.max_steps + 1) * args.batch_size, seed=args.seed)
@@ -162,7 +155,7 @@ def measure(args, strategy: str, flash: bool) -> dict:
         nodes=nodes,
         processes=processes,
         gpus=gpus,
-        gradient_accumulation=accumulation,
+        gradient_accumulation=train_args.gradient_accumulation_steps,
         dataloader_num_workers=args.dataloader_num_workers,
         dataloader_prefetch_factor=train_args.dataloader_prefetch_factor,
         precision="bf16" if precision.bf16 else "fp16 mixed" if precision.fp16 else "fp32",

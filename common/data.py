@@ -18,6 +18,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -104,12 +105,23 @@ class SampleDataset(Dataset):
                         problems.append(f"sample {sample.id}: image {self.base_dir / image} does not exist")
         return problems
 
+    def has_text_only_samples(self) -> bool:
+        """Whether some in-memory sample (generic format) has no image; the recipe's hub tasks all have images."""
+        return isinstance(self.rows, list) and any(not sample.images for sample in self.rows)
+
     def subset(self, indices: Sequence[int]) -> SampleDataset:
         """The rows at `indices`; samples keep the ids of their original positions."""
         indices = list(indices)
         rows = self.rows.select(indices) if isinstance(self.rows, datasets.Dataset) else [self.rows[i] for i in indices]
-        to_sample = self.to_sample
-        return SampleDataset(rows, lambda row, position: to_sample(row, indices[position]), self.base_dir)
+        return SampleDataset(rows, partial(_at_original_index, self.to_sample, indices), self.base_dir)
+
+
+# Module-level helpers (not lambdas or closures): data-loader workers started with spawn or forkserver receive
+# the dataset pickled.
+
+
+def _at_original_index(to_sample: Callable[[Any, int], Sample], indices: list[int], row, position: int) -> Sample:
+    return to_sample(row, indices[position])
 
 
 # ---- hub datasets and their local copies -------------------------------------------------------------
@@ -214,21 +226,18 @@ def _identity(sample: Sample, index: int) -> Sample:
 def load_cauldron_splits(subset: str, dataset_path: str | None, eval_size: int) -> tuple[SampleDataset, SampleDataset]:
     """(train, eval) of a HuggingFaceM4/the_cauldron subset, which has only a train split: its first
     `eval_size` rows are held out for evaluation, as the recipe. Rows: `images` (list) and `texts`
-    ([{"user", "assistant"}, ...], one turn each)."""
+    ([{"user", "assistant"}, ...]; the recipe uses the first pair)."""
     rows = load_split("HuggingFaceM4/the_cauldron", subset, "train", dataset_path)
     held_out = min(eval_size, len(rows))
-
-    def converter(offset: int):
-        def to_sample(row, index: int) -> Sample:
-            texts = row["texts"]
-            turns = [Turn(t["user"], t["assistant"], list(row["images"]) if i == 0 else []) for i, t in enumerate(texts)]
-            return Sample(id=f"{subset}-{offset + index}", turns=turns)
-
-        return to_sample
-
     base_dir = base_dir_of(dataset_path)
     return (
         # lists, not ranges: datasets rejects an empty range that starts at the end
-        SampleDataset(rows.select(list(range(held_out, len(rows)))), converter(held_out), base_dir),
-        SampleDataset(rows.select(list(range(held_out))), converter(0), base_dir),
+        SampleDataset(rows.select(list(range(held_out, len(rows)))), partial(_cauldron_sample, subset, held_out), base_dir),
+        SampleDataset(rows.select(list(range(held_out))), partial(_cauldron_sample, subset, 0), base_dir),
     )
+
+
+def _cauldron_sample(subset: str, offset: int, row, index: int) -> Sample:
+    """All the row's images and its first question/answer pair, as the recipe trains and scores them."""
+    text = row["texts"][0]
+    return Sample(id=f"{subset}-{offset + index}", turns=[Turn(text["user"], text["assistant"], list(row["images"]))])

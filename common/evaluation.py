@@ -28,6 +28,11 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def is_main_process() -> bool:
+    """Global rank 0 (or no process group at all): the one process that writes shared files."""
+    return _rank_and_world()[0] == 0
+
+
 def _gather(records: list[dict]) -> list[dict]:
     rank, world = _rank_and_world()
     if world == 1:
@@ -58,8 +63,6 @@ def generate_predictions(
     for batch in tqdm(loader, desc="generating", disable=rank != 0 or not show_progress):
         ids, references = batch.pop("ids"), batch.pop("references")
         inputs = {key: value.to(device) for key, value in batch.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
             eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
@@ -82,7 +85,7 @@ def evaluate(model, processor, dataset: SampleDataset, metric: Metric, save_path
     predictions = [record["prediction"] for record in records]
     references = [record["references"] for record in records]
     score = metric.compute(predictions, references)
-    if _rank_and_world()[0] == 0:
+    if is_main_process():
         report = {
             "metric": metric.name,
             metric.name: score,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import shutil
@@ -25,7 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .arguments import RESUME_LATEST, validate_args, world_size
 from .collators import Phi3VTrainCollator
 from .data import SampleDataset, load_conversation_splits
-from .evaluation import evaluate
+from .evaluation import evaluate, is_main_process
 from .metrics import Metric
 from .plotting import plot_training_curves
 from .precision import resolve_precision
@@ -64,20 +65,44 @@ def load_datasets(task: Task, args) -> tuple[SampleDataset, SampleDataset]:
     return train, evaluation
 
 
-def resolve_checkpoint(args) -> str | None:
-    """An explicit path, else the newest checkpoint-* in output_dir (automatic resume), else None."""
+RUN_FILE = "run.json"
+
+
+def run_identity(task: Task, args, strategy: TrainingStrategy) -> dict:
+    """What a checkpoint in output_dir must have been made by for an automatic resume to continue it."""
+    return {
+        "task": task.name,
+        "model": args.model_name_or_path,
+        "strategy": strategy.name,
+        "data": args.data_dir or args.dataset_path or "hub",
+        "num_crops": args.num_crops,
+    }
+
+
+def resolve_checkpoint(args, identity: dict) -> str | None:
+    """An explicit path; else the newest checkpoint-* in output_dir if this same run made it (automatic
+    resume); else None. A checkpoint of another run (another task, model, strategy or data) is refused."""
     if args.resume_from_checkpoint not in (None, RESUME_LATEST):
         return args.resume_from_checkpoint
     newest = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-    if args.resume_from_checkpoint == RESUME_LATEST and newest is None:
-        raise SystemExit(f"error: --resume_from_checkpoint: no checkpoint-* folder in {args.output_dir}")
+    if newest is None:
+        if args.resume_from_checkpoint == RESUME_LATEST:
+            raise SystemExit(f"error: --resume_from_checkpoint: no checkpoint-* folder in {args.output_dir}")
+        return None
+    run_file = Path(args.output_dir) / RUN_FILE
+    recorded = json.loads(run_file.read_text()) if run_file.exists() else None
+    if recorded != identity:
+        raise SystemExit(
+            f"error: {args.output_dir} holds {Path(newest).name} of another run ({recorded or 'unknown'}), not of "
+            f"this one ({identity}); choose another --output_dir, or continue it with --resume_from_checkpoint {newest}"
+        )
     return newest
 
 
 def _evaluate_and_report(model, processor, task: Task, dataset, path: Path, when: str, args) -> float:
     score = evaluate(model, processor, dataset, task.metric, path, args)
     logger.info("%s %s finetuning: %.4f (%d samples, %s)", task.metric.name, when, score, len(dataset), path)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         print(f"{task.metric.name.upper()} {when} finetuning: {score:.4f}", flush=True)
     return score
 
@@ -89,15 +114,21 @@ def _write_merged(model, processor, output_dir: Path) -> None:
     logger.info("merged standalone checkpoint written to %s", merged_dir)
 
 
-def _discard_unresumable_outputs(output_dir: Path, created_output_dir: bool, wrote_eval_before: bool) -> None:
-    """A run that fails before training is done leaves a state to resume from (a checkpoint) or nothing: a
-    bad training sample that only the data loader finds must not leave eval_before.json behind."""
-    if int(os.environ.get("RANK", "0")) != 0 or not output_dir.is_dir() or get_last_checkpoint(str(output_dir)):
+def _discard_unresumable_outputs(output_dir: Path, created_output_dir: bool, written: list[str]) -> None:
+    """After a data error (a bad sample only the data loader finds), leave a state to resume from (a
+    checkpoint) or nothing of this run's: not a lone eval_before.json."""
+    if not is_main_process() or not output_dir.is_dir() or get_last_checkpoint(str(output_dir)):
         return
     if created_output_dir:
         shutil.rmtree(output_dir, ignore_errors=True)
-    elif wrote_eval_before:
-        (output_dir / "eval_before.json").unlink(missing_ok=True)
+    for name in written:
+        (output_dir / name).unlink(missing_ok=True)
+
+
+def _record_run(output_dir: Path, identity: dict) -> None:
+    if is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RUN_FILE).write_text(json.dumps(identity, indent=1) + "\n")
 
 
 def run_finetuning(task: Task, args: argparse.Namespace) -> dict[str, float]:
@@ -105,11 +136,12 @@ def run_finetuning(task: Task, args: argparse.Namespace) -> dict[str, float]:
     args = validate_args(args)
     strategy = TrainingStrategy.from_args(args)
     precision = resolve_precision(args.bf16, args.use_flash_attention)
-    train_args = training_arguments(args, strategy, precision)
+    train_dataset, eval_dataset = load_datasets(task, args)
+    train_args = training_arguments(args, strategy, precision, train_dataset.has_text_only_samples())
     _setup_logging(train_args)
     logger.info("%s with %s on %d process(es), %s", task.name, strategy.name, world_size(), precision)
-    train_dataset, eval_dataset = load_datasets(task, args)
-    checkpoint = resolve_checkpoint(args)
+    identity = run_identity(task, args, strategy)
+    checkpoint = resolve_checkpoint(args, identity)
     processor = AutoProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
     model = build_model(args, strategy, precision)
     if not strategy.quantize_4bit:
@@ -117,28 +149,31 @@ def run_finetuning(task: Task, args: argparse.Namespace) -> dict[str, float]:
 
     output_dir = Path(args.output_dir)
     created_output_dir = not output_dir.exists()
-    results = {}
+    results, written = {}, []
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     try:
         if not args.skip_eval_before and not (checkpoint and (output_dir / "eval_before.json").exists()):
+            written.append("eval_before.json")
             results["before"] = _evaluate_and_report(
                 model, processor, task, eval_dataset, output_dir / "eval_before.json", "before", args
             )
+        written.append(RUN_FILE)
+        _record_run(output_dir, identity)
         trainer = Trainer(
             model=model,
             args=train_args,
             data_collator=Phi3VTrainCollator(processor, args.max_length),
             train_dataset=train_dataset,
+            processing_class=processor,  # saved with the model and in every checkpoint
         )
         trainer.train(resume_from_checkpoint=checkpoint)
-    except BaseException:
-        _discard_unresumable_outputs(output_dir, created_output_dir, wrote_eval_before="before" in results)
+    except ValueError:
+        _discard_unresumable_outputs(output_dir, created_output_dir, written)
         raise
     model.config.use_cache = True  # switched off for training only; saved checkpoints generate with a cache
     trainer.save_model()
-    if trainer.is_world_process_zero():
-        processor.save_pretrained(output_dir)
+    if is_main_process():
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
     trainer.accelerator.wait_for_everyone()
 
@@ -148,31 +183,14 @@ def run_finetuning(task: Task, args: argparse.Namespace) -> dict[str, float]:
         del model, trainer
         gc.collect()
         torch.cuda.empty_cache()
-        model = load_model(args.model_name_or_path, precision, adapter_path=args.output_dir).to(train_args.device)
+        model = load_model(
+            args.model_name_or_path, precision, adapter_path=args.output_dir, dtype=precision.compute_dtype
+        ).to(train_args.device)
     else:
         model = trainer.accelerator.unwrap_model(trainer.model)
     results["after"] = _evaluate_and_report(
         model, processor, task, eval_dataset, output_dir / "eval_after.json", "after", args
     )
-    if args.merge and int(os.environ.get("RANK", "0")) == 0:
+    if args.merge and is_main_process():
         _write_merged(model, processor, output_dir)
     return results
-
-
-def _user_message(error: ValueError) -> str:
-    """The error's message; a DataLoader worker re-raises its error with the worker's traceback folded into
-    the message, of which the user needs the original message only."""
-    message = str(error)
-    marker = f"{type(error).__name__}: "
-    if "Original Traceback (most recent call last)" in message and marker in message:
-        message = message[message.rfind(marker) + len(marker):].strip()
-    return message
-
-
-def main_guard(run: Callable[[], object]) -> None:
-    """Run a script's main; a user error (bad data, bad flags) ends with one clear message and exit code 1."""
-    try:
-        run()
-    except ValueError as error:
-        print(f"error: {_user_message(error)}", file=sys.stderr)
-        sys.exit(1)

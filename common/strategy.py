@@ -72,14 +72,16 @@ def load_model(
     precision: Precision,
     quantization: BitsAndBytesConfig | None = None,
     adapter_path: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
-    """Load an official-format checkpoint (and optionally a LoRA adapter on top) with our native code."""
+    """Load an official-format checkpoint (and optionally a LoRA adapter on top) with our native code, in
+    `precision.load_dtype` unless `dtype` says otherwise."""
     device_map = None
     if quantization is not None and torch.cuda.is_available():
         device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(
         model_name_or_path,
-        dtype=precision.load_dtype,
+        dtype=dtype or precision.load_dtype,
         attn_implementation=precision.attn_implementation,
         quantization_config=quantization,
         device_map=device_map,

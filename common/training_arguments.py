@@ -23,8 +23,9 @@ DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs"
 
 
 def _single_process_rendezvous() -> None:
-    """`python SCRIPT` (no torchrun): DeepSpeed needs a process group even for one process and would otherwise
-    look for MPI, so describe a world of one on a free local port."""
+    """`python SCRIPT` (no torchrun) is a world of one process on a free local port: DeepSpeed needs a process
+    group even then (it would look for MPI), and on a machine with several GPUs the Trainer would otherwise
+    wrap the model in nn.DataParallel, which splits pixel_values apart from their prompts."""
     if "RANK" in os.environ:
         return
     with socket.socket() as probe:
@@ -55,15 +56,22 @@ def _cpu_deepspeed_state() -> dict:
     return {"use_configured_state": True}
 
 
-def training_arguments(args, strategy: TrainingStrategy, precision: Precision) -> TrainingArguments:
-    """The recipe's hyperparameters; gradient accumulation makes up the global batch size."""
+def training_arguments(
+    args, strategy: TrainingStrategy, precision: Precision, has_text_only_samples: bool = False
+) -> TrainingArguments:
+    """The recipe's hyperparameters; gradient accumulation makes up the global batch size.
+
+    `has_text_only_samples`: a micro-batch without images leaves the vision adapters without gradients, which
+    DDP must then look for (LoRA); DeepSpeed handles such parameters itself.
+    """
     accumulation = args.batch_size // (world_size() * args.batch_size_per_gpu)
     deepspeed = (args.deepspeed or str(DEFAULT_DEEPSPEED_CONFIG)) if strategy.uses_deepspeed else None
     accelerator_config = None
-    if deepspeed:
+    if deepspeed or torch.cuda.is_available():
         _single_process_rendezvous()
-        if not torch.cuda.is_available():
-            accelerator_config = _cpu_deepspeed_state()
+    if deepspeed and not torch.cuda.is_available():
+        accelerator_config = _cpu_deepspeed_state()
+    saving = {"save_strategy": "steps", "save_steps": args.save_steps} if args.save_steps else {"save_strategy": "no"}
     return TrainingArguments(
         output_dir=args.output_dir,
         num_train_epochs=args.num_train_epochs,
@@ -82,8 +90,8 @@ def training_arguments(args, strategy: TrainingStrategy, precision: Precision) -
         lr_scheduler_type="linear",
         warmup_steps=args.warmup_steps,
         logging_steps=args.logging_steps,
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
+        logging_first_step=True,  # so every run's training-curve picture has a point
+        **saving,
         save_total_limit=args.save_total_limit,
         bf16=precision.bf16,
         fp16=precision.fp16,
@@ -93,7 +101,7 @@ def training_arguments(args, strategy: TrainingStrategy, precision: Precision) -
         disable_tqdm=not args.tqdm,
         dataloader_num_workers=args.dataloader_num_workers,
         dataloader_prefetch_factor=_prefetch_factor(accumulation, args.dataloader_num_workers),
-        ddp_find_unused_parameters=False,
+        ddp_find_unused_parameters=strategy.lora and has_text_only_samples,
         seed=args.seed,
         accelerator_config=accelerator_config,
     )

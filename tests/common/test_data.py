@@ -419,15 +419,15 @@ def test_cauldron_holds_out_the_first_rows_for_evaluation(cauldron_copy):
     assert train[0].references == ["answer 2"]
 
 
-def test_cauldron_keeps_every_image_of_a_sample_on_its_first_turn(cauldron_copy):
+def test_cauldron_keeps_every_image_and_the_first_question_as_the_recipe(cauldron_copy):
     train, evaluation = load_cauldron_splits("nlvr2", str(cauldron_copy), eval_size=2)
     two_images = train[0]  # row 2
     assert [image.size for image in two_images.images] == [(12, 5), (12, 6)]
     assert all(isinstance(image, Image.Image) for image in two_images.images)
     assert evaluation[0].images == []  # row 0 has none
-    multi_turn = evaluation[1]  # row 1: one image, two turns
-    assert len(multi_turn.turns[0].images) == 1 and multi_turn.turns[1].images == []
-    assert multi_turn.references == ["again"]
+    two_pairs = evaluation[1]  # row 1: one image, two question/answer pairs: the recipe uses the first
+    assert len(two_pairs.turns) == 1 and len(two_pairs.images) == 1
+    assert (two_pairs.turns[0].user, two_pairs.references) == ("question 1", ["answer 1"])
 
 
 def test_cauldron_eval_size_larger_than_the_data(cauldron_copy):
@@ -466,3 +466,20 @@ def test_cauldron_ids_survive_subsetting(cauldron_copy):
     shard = evaluation.subset([1, 3])  # what generate_predictions does on rank 1 of 2
     assert [shard[i].id for i in range(2)] == ["nlvr2-1", "nlvr2-3"]
     assert [train.subset([1])[0].id] == ["nlvr2-5"]
+
+
+def test_datasets_pickle_for_spawned_workers(cauldron_copy, generic_dir):
+    """DataLoader workers started with spawn/forkserver receive the dataset pickled: no lambdas or closures."""
+    import pickle
+
+    train, evaluation = load_cauldron_splits("nlvr2", str(cauldron_copy), eval_size=2)
+    generic_train, _ = load_conversation_splits(str(generic_dir))
+    for dataset in (train, evaluation.subset([1]), generic_train.subset([1, 0])):
+        restored = pickle.loads(pickle.dumps(dataset))
+        assert [restored[i].id for i in range(len(restored))] == [dataset[i].id for i in range(len(dataset))]
+
+
+def test_text_only_samples_are_detected_in_the_generic_format(generic_dir, cauldron_copy):
+    train, evaluation = load_conversation_splits(str(generic_dir))
+    assert train.has_text_only_samples() and not evaluation.has_text_only_samples()
+    assert not load_cauldron_splits("nlvr2", str(cauldron_copy), eval_size=2)[0].has_text_only_samples()

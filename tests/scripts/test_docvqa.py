@@ -31,3 +31,30 @@ def test_trains_saves_reloads_and_evaluates(runs, strategy, tiny_model_dir):
     assert report["metric"] == "anls"
     assert report["ids"] == [f"validation-{i}" for i in range(NUM_VALIDATION)]
     assert report["references"][0] == ["green", "green page"]  # every accepted answer counts
+
+
+def test_mini_train_split_and_seeded_answers(tmp_path, monkeypatch):
+    """Without --full_train the first 1% of train (at least one row); each question's training answer is one
+    of its accepted answers, the same for the same seed; the datasets pickle (spawn-started workers)."""
+    import argparse
+    import pickle
+    import sys
+
+    from tests.scripts.e2e import colour_names, load_module
+
+    script = load_module(SCRIPTS["docvqa"], "docvqa_script")
+    monkeypatch.setitem(sys.modules, "docvqa_script", script)  # importable by name, as __main__ is in a real run
+    data = write_docvqa(tmp_path / "data", num_train=150, num_validation=2)
+
+    def load(full_train: bool, seed: int = 42):
+        return script.load_docvqa(argparse.Namespace(dataset_path=str(data), full_train=full_train, seed=seed))
+
+    train, evaluation = load(full_train=False)
+    assert (len(train), len(evaluation)) == (2, 2)  # round(150 x 1%) rows; validation untouched
+    assert len(load(full_train=True)[0]) == 150
+    answers = [train[i].turns[0].assistant for i in range(2)]
+    for answer, name in zip(answers, colour_names(2)):
+        assert answer in (name, f"{name} page")
+    assert answers == [load(full_train=False)[0][i].turns[0].assistant for i in range(2)]  # same seed, same answer
+    assert evaluation[0].references == ["green", "green page"]
+    assert pickle.loads(pickle.dumps(train))[1].turns[0].assistant == answers[1]

@@ -32,14 +32,20 @@ def runs(launcher, tiny_model_dir, tmp_path_factory):
         if first[strategy].returncode != 0:
             continue
         interrupted = root / strategy / "interrupted"
-        # What a run killed during step 3 or 4 leaves: checkpoint-2 and nothing else (the same as deleting
+        # What a run killed during step 3 or 4 leaves: its run record and checkpoint-2 (the same as deleting
         # checkpoint-4 and the final files from a finished copy, without paying for that copy's run).
         shutil.copytree(uninterrupted / "checkpoint-2", interrupted / "checkpoint-2")
+        shutil.copy(uninterrupted / "run.json", interrupted / "run.json")
         jobs[(strategy, "interrupted")] = job(strategy, interrupted)
+        if strategy == "lora":
+            # the same checkpoint, but this command trains another strategy: no automatic resume
+            jobs[(strategy, "other run")] = job("full", interrupted)
         if strategy == "lora":
             explicit = root / strategy / "explicit"
             jobs[(strategy, "explicit")] = job(strategy, explicit, "--resume_from_checkpoint", uninterrupted / "checkpoint-2")
-    second = launcher.run_many(jobs)
+    other_runs = {key: jobs.pop(key) for key in [key for key in jobs if key[1] == "other run"]}
+    second = launcher.run_many(other_runs)  # first, while the interrupted folder is still untouched
+    second.update(launcher.run_many(jobs))
     results = {strategy: {"uninterrupted": (root / strategy / "uninterrupted", first[strategy])} for strategy in WEIGHTS}
     for (strategy, kind), result in second.items():
         results[strategy][kind] = (root / strategy / kind, result)
@@ -72,3 +78,11 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(runs, strategy, kind)
     history = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]
     assert (output_dir / "eval_after.json").is_file()
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(runs):
+    _, result = runs["lora"]["other run"]  # full finetuning pointed at the LoRA run's folder
+    lora_dir = runs["lora"]["interrupted"][0]
+    assert result.returncode != 0
+    assert f"{lora_dir} holds checkpoint-2 of another run" in result.stderr
+    assert "--resume_from_checkpoint" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,51 @@
+"""The Trainer's arguments: the recipe's hyperparameters, accumulation up to the global batch, checkpoints.
+
+Only LoRA arguments are built here: full finetuning's DeepSpeed path starts a process group, which the
+end-to-end tests exercise in their own processes (tests/scripts)."""
+
+import pytest
+
+from common.arguments import build_parser, validate_args
+from common.precision import resolve_precision
+from common.strategy import TrainingStrategy
+from common.training_arguments import _prefetch_factor, training_arguments
+
+
+def lora_arguments(tmp_path, *flags: str, has_text_only_samples: bool = False):
+    args = validate_args(build_parser("test").parse_args(["--output_dir", str(tmp_path), "--use_lora", *flags]))
+    precision = resolve_precision(args.bf16, args.use_flash_attention, cuda_available=False)
+    return training_arguments(args, TrainingStrategy.from_args(args), precision, has_text_only_samples)
+
+
+def test_the_recipes_hyperparameters(tmp_path):
+    train_args = lora_arguments(tmp_path, "--learning_rate", "2e-4", "--wd", "0.1")
+    assert (train_args.adam_beta1, train_args.adam_beta2, train_args.adam_epsilon) == (0.9, 0.95, 1e-7)
+    assert (train_args.learning_rate, train_args.weight_decay, train_args.max_grad_norm) == (2e-4, 0.1, 1.0)
+    assert train_args.lr_scheduler_type == "linear" and train_args.warmup_steps == 50
+    assert train_args.activation_checkpointing and train_args.activation_checkpointing_kwargs == {"use_reentrant": False}
+    assert train_args.deepspeed is None  # adapters train under DDP
+    assert train_args.logging_first_step  # every run's curve picture has a point
+
+
+@pytest.mark.parametrize("world, per_gpu, accumulation", [(1, 1, 16), (4, 1, 4), (4, 2, 2), (2, 8, 1)])
+def test_accumulation_makes_up_the_global_batch(tmp_path, monkeypatch, world, per_gpu, accumulation):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    train_args = lora_arguments(tmp_path, "--batch_size", "16", "--batch_size_per_gpu", str(per_gpu))
+    assert train_args.gradient_accumulation_steps == accumulation
+    assert train_args.per_device_train_batch_size == per_gpu
+
+
+def test_checkpoints_only_when_asked(tmp_path):
+    assert lora_arguments(tmp_path).save_strategy == "no"
+    saving = lora_arguments(tmp_path, "--save_steps", "7", "--save_total_limit", "2")
+    assert (saving.save_strategy, saving.save_steps, saving.save_total_limit) == ("steps", 7, 2)
+
+
+def test_ddp_looks_for_unused_parameters_only_when_batches_may_lack_images(tmp_path):
+    assert lora_arguments(tmp_path).ddp_find_unused_parameters is False
+    assert lora_arguments(tmp_path, has_text_only_samples=True).ddp_find_unused_parameters is True
+
+
+@pytest.mark.parametrize("accumulation, workers, factor", [(16, 4, 4), (1, 4, 2), (64, 4, 8), (3, 0, None)])
+def test_workers_prefetch_an_optimizer_step(accumulation, workers, factor):
+    assert _prefetch_factor(accumulation, workers) == factor
