@@ -19,7 +19,6 @@ from benchmarks.configs import STRATEGIES, base_row, config_name, error_reason
 from benchmarks.flops import ModelDims, peak_flops_for, training_flops, utilization
 from benchmarks.synthetic import available_cores, docvqa_dataset, image_layout, sample_lengths
 from common.arguments import validate_args
-from common.collators import Phi3VTrainCollator
 from common.precision import resolve_precision
 
 GIB = 2**30
@@ -91,10 +90,11 @@ def _worker_config(args) -> tuple[str, bool]:
 
 def measure(args, strategy: str, flash: bool) -> dict:
     """Train warmup+steps optimizer steps through the scripts' path; the row of one configuration (rank 0)."""
-    from transformers import AutoConfig, AutoProcessor, Trainer
+    from transformers import AutoConfig
 
     from common.arguments import world_size
-    from common.strategy import TrainingStrategy, build_model
+    from common.finetune import load_processor_and_model, make_trainer
+    from common.strategy import TrainingStrategy, parameter_counts
     from common.training_arguments import training_arguments
 
     for flag, value in STRATEGIES[strategy][1].items():
@@ -115,24 +115,13 @@ def measure(args, strategy: str, flash: bool) -> dict:
     if args.prefetch_factor is not None and args.dataloader_num_workers > 0:
         train_args.dataloader_prefetch_factor = args.prefetch_factor  # an experiment; default: the scripts' value
 
-    processor = AutoProcessor.from_pretrained(model_path, num_crops=args.num_crops)
+    processor, model = load_processor_and_model(args, train_strategy, precision, train_args.device)
     dataset = docvqa_dataset(pages, (args.max_steps + 1) * args.batch_size, seed=args.seed)
     lengths = sample_lengths(processor, dataset, tuple(args.page_size))
-    model = build_model(args, train_strategy, precision)
-    if not train_strategy.quantize_4bit:
-        model.to(train_args.device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = parameter_counts(model)
 
     timer = StepTimer(args.warmup_steps, args.steps)
-    trainer = Trainer(
-        model=model,
-        args=train_args,
-        data_collator=Phi3VTrainCollator(processor, args.max_length),
-        train_dataset=dataset,
-        callbacks=[timer],
-    )
-    trainer.train()
+    make_trainer(model, processor, train_args, dataset, args.max_length, callbacks=[timer]).train()
     allocated, reserved = peak_memory_gib(train_args.device)
 
     processes = world_size()

@@ -29,7 +29,7 @@ from .data import SampleDataset, load_conversation_splits
 from .evaluation import evaluate, is_main_process
 from .metrics import Metric
 from .plotting import plot_training_curves
-from .precision import resolve_precision
+from .precision import Precision, resolve_precision
 from .strategy import TrainingStrategy, build_model, load_model
 from .training_arguments import training_arguments
 
@@ -63,6 +63,26 @@ def load_datasets(task: Task, args) -> tuple[SampleDataset, SampleDataset]:
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
             raise SystemExit(f"error: bad {split} data:\n  " + "\n  ".join(problems[:10]) + more)
     return train, evaluation
+
+
+def load_processor_and_model(args, strategy: TrainingStrategy, precision: Precision, device):
+    """The processor with the run's num_crops, and the model built for the strategy on its device."""
+    processor = AutoProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
+    model = build_model(args, strategy, precision)
+    if not strategy.quantize_4bit:  # bitsandbytes already placed the 4-bit model
+        model.to(device)
+    return processor, model
+
+
+def make_trainer(model, processor, train_args: TrainingArguments, dataset, max_length: int | None, callbacks=()):
+    return Trainer(
+        model=model,
+        args=train_args,
+        data_collator=Phi3VTrainCollator(processor, max_length),
+        train_dataset=dataset,
+        processing_class=processor,  # saved with the model and in every checkpoint
+        callbacks=list(callbacks),
+    )
 
 
 RUN_FILE = "run.json"
@@ -142,10 +162,7 @@ def run_finetuning(task: Task, args: argparse.Namespace) -> dict[str, float]:
     logger.info("%s with %s on %d process(es), %s", task.name, strategy.name, world_size(), precision)
     identity = run_identity(task, args, strategy)
     checkpoint = resolve_checkpoint(args, identity)
-    processor = AutoProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
-    model = build_model(args, strategy, precision)
-    if not strategy.quantize_4bit:
-        model.to(train_args.device)
+    processor, model = load_processor_and_model(args, strategy, precision, train_args.device)
 
     output_dir = Path(args.output_dir)
     created_output_dir = not output_dir.exists()
@@ -160,13 +177,7 @@ def run_finetuning(task: Task, args: argparse.Namespace) -> dict[str, float]:
             )
         written.append(RUN_FILE)
         _record_run(output_dir, identity)
-        trainer = Trainer(
-            model=model,
-            args=train_args,
-            data_collator=Phi3VTrainCollator(processor, args.max_length),
-            train_dataset=train_dataset,
-            processing_class=processor,  # saved with the model and in every checkpoint
-        )
+        trainer = make_trainer(model, processor, train_args, train_dataset, args.max_length)
         trainer.train(resume_from_checkpoint=checkpoint)
     except ValueError:
         _discard_unresumable_outputs(output_dir, created_output_dir, written)

@@ -119,7 +119,14 @@ def build_model(args, strategy: TrainingStrategy, precision: Precision) -> PreTr
     if strategy.freeze_vision:
         vision = model.get_base_model() if isinstance(model, PeftModel) else model
         vision.model.vision_embed_tokens.requires_grad_(False)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = parameter_counts(model)
     logger.info("%s: %s of %s parameters trainable", strategy.name, f"{trainable:,}", f"{total:,}")
     return model
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    return (
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+        sum(p.numel() for p in model.parameters()),
+    )

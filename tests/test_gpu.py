@@ -75,11 +75,14 @@ def test_bf16_flash_lora_run_through_the_script(tmp_path, tiny_model_dir):
     for split in ("train", "val"):
         (data / f"toy_{split}.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    subprocess.run(
+    run = subprocess.run(
         [sys.executable, str(REPO / "finetune_hf_trainer_ucf101.py"), "--model_name_or_path", str(tiny_model_dir),
          "--data_dir", str(data), "--output_dir", str(out), "--bf16", "--use_flash_attention", "--use_lora",
          "--batch_size", "2", "--batch_size_per_gpu", "2", "--max_steps", "2", "--num_crops", "1",
          "--max_new_tokens", "4", "--dataloader_num_workers", "0", "--no-tqdm"],
         check=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True,
     )
+    assert "load_dtype=torch.bfloat16, bf16=True" in run.stdout
+    assert "attn_implementation='flash_attention_2'" in run.stdout
     assert json.loads((out / "eval_after.json").read_text())["num_samples"] == 4
