@@ -235,6 +235,22 @@ def write_cauldron(path: Path, subset: str, count: int, fmt: str) -> Path:
     return path
 
 
+def run_cauldron_task(launcher, tiny_model_dir: Path, root: Path, subset: str, num_rows: int, eval_size: int,
+                      data_format: dict[str, str], extra: dict[str, list[str]] | None = None) -> dict:
+    """Run a the_cauldron script once per strategy in `data_format` ({strategy: "disk" | "parquet"}), each on
+    the same rows saved in that format, with `extra` flags per strategy; {strategy: Result}."""
+    data = {fmt: write_cauldron(root / "data", subset, num_rows, fmt) for fmt in ("disk", "parquet")}
+    jobs = {
+        strategy: (
+            SCRIPTS[subset],
+            fast_args(tiny_model_dir, root / strategy, "--dataset_path", data[fmt], "--eval_size", str(eval_size),
+                      *STRATEGIES[strategy], *(extra or {}).get(strategy, [])),
+        )
+        for strategy, fmt in data_format.items()
+    }
+    return launcher.run_many(jobs)
+
+
 def write_generic(root: Path, splits: dict[str, list[dict]], images: dict[str, Image.Image], name: str = "colour") -> Path:
     """The generic format: {name}_{split}.jsonl with one sample per line, image files under images/."""
     (root / "images").mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ held out for evaluation."""
 
 import pytest
 
-from tests.scripts.e2e import SCRIPTS, STRATEGIES, assert_finished_run, fast_args, read_eval, write_cauldron
+from tests.scripts.e2e import assert_finished_run, read_eval, run_cauldron_task
 
 DATA_FORMAT = {"full": "disk", "frozen": "parquet", "lora": "parquet", "qlora": "disk"}
 NUM_ROWS, EVAL_SIZE = 7, 3  # 4 training rows: two optimizer steps of 2
@@ -13,16 +13,7 @@ NUM_ROWS, EVAL_SIZE = 7, 3  # 4 training rows: two optimizer steps of 2
 @pytest.fixture(scope="module")
 def runs(launcher, tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("hateful_memes")
-    data = {fmt: write_cauldron(root / "data", "hateful_memes", NUM_ROWS, fmt) for fmt in ("disk", "parquet")}
-    jobs = {
-        strategy: (
-            SCRIPTS["hateful_memes"],
-            fast_args(tiny_model_dir, root / strategy, "--dataset_path", data[fmt], "--eval_size", str(EVAL_SIZE),
-                      *STRATEGIES[strategy]),
-        )
-        for strategy, fmt in DATA_FORMAT.items()
-    }
-    return root, launcher.run_many(jobs)
+    return root, run_cauldron_task(launcher, tiny_model_dir, root, "hateful_memes", NUM_ROWS, EVAL_SIZE, DATA_FORMAT)
 
 
 @pytest.mark.parametrize("strategy", DATA_FORMAT)

@@ -4,15 +4,7 @@ row (save_to_disk folder and parquet file), plus --merge: a standalone model equ
 import pytest
 import torch
 
-from tests.scripts.e2e import (
-    SCRIPTS,
-    STRATEGIES,
-    assert_finished_run,
-    colour_image,
-    fast_args,
-    read_eval,
-    write_cauldron,
-)
+from tests.scripts.e2e import assert_finished_run, colour_image, read_eval, run_cauldron_task
 
 DATA_FORMAT = {"full": "parquet", "frozen": "disk", "lora": "disk", "qlora": "parquet"}
 NUM_ROWS, EVAL_SIZE = 6, 2
@@ -21,16 +13,8 @@ NUM_ROWS, EVAL_SIZE = 6, 2
 @pytest.fixture(scope="module")
 def runs(launcher, tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("nlvr2")
-    data = {fmt: write_cauldron(root / "data", "nlvr2", NUM_ROWS, fmt) for fmt in ("disk", "parquet")}
-    jobs = {
-        strategy: (
-            SCRIPTS["nlvr2"],
-            fast_args(tiny_model_dir, root / strategy, "--dataset_path", data[fmt], "--eval_size", str(EVAL_SIZE),
-                      *STRATEGIES[strategy], *(["--merge"] if strategy == "lora" else [])),
-        )
-        for strategy, fmt in DATA_FORMAT.items()
-    }
-    return root, launcher.run_many(jobs)
+    merge = {"lora": ["--merge"]}
+    return root, run_cauldron_task(launcher, tiny_model_dir, root, "nlvr2", NUM_ROWS, EVAL_SIZE, DATA_FORMAT, merge)
 
 
 @pytest.mark.parametrize("strategy", DATA_FORMAT)
