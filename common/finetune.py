@@ -36,7 +36,6 @@ from .training_arguments import training_arguments
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Task:
     """What a script contributes: a name for messages, its metric and its (train, eval) datasets."""
@@ -94,7 +93,7 @@ def run_identity(task: Task, args, strategy: TrainingStrategy) -> dict:
         "task": task.name,
         "model": args.model_name_or_path,
         "strategy": strategy.name,
-        "data": args.data_dir or args.dataset_path or "hub",
+        "data": str(Path(args.data_dir or args.dataset_path).resolve()) if args.data_dir or args.dataset_path else "hub",
         "num_crops": args.num_crops,
     }
 
