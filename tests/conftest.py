@@ -31,12 +31,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need CUDA: skip them, with the reason, on machines without it."""
+    """`gpu` tests need CUDA: they skip, with the reason, on machines without it."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
-            item.add_marker(no_gpu)
+            item.add_marker(needs_cuda)
