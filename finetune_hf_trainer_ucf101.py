@@ -15,11 +15,10 @@ Frames are many images per sample, so num_crops defaults to 4 (Phi-3.5-vision's 
 
 from common.arguments import build_parser
 from common.cli import main_guard
-from common.data import load_conversation_splits
 from common.finetune import Task, run_finetuning
 from common.metrics import ACCURACY
 
-TASK = Task("UCF-101", ACCURACY, lambda args: load_conversation_splits(args.data_dir))
+TASK = Task("UCF-101", ACCURACY)  # its data is the generic format: --data_dir, required below
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

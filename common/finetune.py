@@ -38,11 +38,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Task:
-    """What a script contributes: a name for messages, its metric and its (train, eval) datasets."""
+    """What a script contributes: a name for messages, its metric and its (train, eval) datasets. A task whose
+    data only comes in the generic format (--data_dir) has no loader of its own."""
 
     name: str
     metric: Metric
-    load_datasets: Callable[[argparse.Namespace], tuple[SampleDataset, SampleDataset]]
+    load_datasets: Callable[[argparse.Namespace], tuple[SampleDataset, SampleDataset]] | None = None
 
 
 def _setup_logging(training_args: TrainingArguments) -> None:
@@ -52,6 +53,7 @@ def _setup_logging(training_args: TrainingArguments) -> None:
 
 
 def load_datasets(task: Task, args) -> tuple[SampleDataset, SampleDataset]:
+    # --data_dir (the generic format) works for every task
     train, evaluation = load_conversation_splits(args.data_dir) if args.data_dir else task.load_datasets(args)
     if args.max_eval_samples is not None:
         evaluation = evaluation.subset(range(min(args.max_eval_samples, len(evaluation))))

@@ -204,9 +204,14 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
         return super().forward(inputs_embeds=inputs_embeds, **kwargs)
 
+    @property
+    def unused_vision_layers(self) -> range:
+        """Indices of the CLIP layers after the feature layer: computed by CLIP, never used by the output."""
+        return range(self.vision_embed_tokens.feature_layer, self.config.vision_config.num_hidden_layers)
+
     def unused_vision_layers_pattern(self) -> str | None:
         """Regex of the module names of the CLIP layers `trim_unused_vision_layers` drops (None if none)."""
-        unused = range(self.vision_embed_tokens.feature_layer, self.config.vision_config.num_hidden_layers)
+        unused = self.unused_vision_layers
         if not unused:
             return None
         return rf".*\.vision_model\.encoder\.layers\.({'|'.join(map(str, unused))})\..*"
@@ -218,8 +223,7 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         waste; the original recipe deleted them before LoRA for the same reason.
         """
         clip = self.vision_embed_tokens.img_processor.vision_model
-        feature_layer = self.vision_embed_tokens.feature_layer
-        del clip.encoder.layers[feature_layer:]
+        del clip.encoder.layers[self.unused_vision_layers.start :]
         clip.post_layernorm = nn.Identity()
 
 
