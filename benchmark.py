@@ -58,11 +58,14 @@ if str(REPO) not in sys.path:  # common/ and benchmarks/ sit next to this file (
     sys.path.insert(0, str(REPO))
 
 from benchmarks.assets import asset_paths, prepare_assets  # noqa: E402
-from benchmarks.configs import DEFAULT_STRATEGIES, OFFICIAL_CONFIG, STRATEGIES  # noqa: E402
+from benchmarks.configs import DEFAULT_STRATEGIES, OFFICIAL_CONFIG  # noqa: E402
 from benchmarks.launcher import collect, run_all  # noqa: E402
 from benchmarks.report import render_markdown, result_paths  # noqa: E402
 from benchmarks.worker import run_worker  # noqa: E402
 from common.arguments import build_parser  # noqa: E402
+from common.cli import main_guard  # noqa: E402
+from common.errors import UsageError  # noqa: E402
+from common.strategy import STRATEGIES  # noqa: E402
 
 
 def _page_size(text: str) -> tuple[int, int]:
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.random_init and not Path(args.model_config).is_file():
         problems.append(f"--model_config {args.model_config} does not exist")
     if problems:
-        raise SystemExit("error: invalid arguments:\n  " + "\n  ".join(problems))
+        raise UsageError("invalid arguments:\n  " + "\n  ".join(problems))
     if args.worker:
         return run_worker(args)
     if args.prepare:
@@ -148,4 +151,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_guard(main))

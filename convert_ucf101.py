@@ -37,6 +37,7 @@ Rules:
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -52,6 +53,12 @@ from pathlib import Path
 
 import cv2
 from tqdm import tqdm
+
+# The frame-extraction workers (spawned: they import this file again) only extract frames; importing `common`
+# (torch, transformers) would cost each of them seconds. Errors and the guard belong to the main process.
+if multiprocessing.parent_process() is None:
+    from common.cli import main_guard
+    from common.errors import UsageError, UserError
 
 HUB_REPO_ID = "sayakpaul/ucf101-subset"
 HUB_FILENAME = "UCF101_subset.tar.gz"
@@ -134,9 +141,9 @@ def validate_src(src: Path | None) -> None:
     if src is None:
         return
     if not src.exists():
-        raise SystemExit(f"--src {src} does not exist.")
+        raise UsageError(f"--src {src} does not exist.")
     if src.is_file() and not src.name.lower().endswith(ARCHIVE_EXTENSIONS):
-        raise SystemExit(f"--src {src} is neither a folder nor a {'/'.join(ARCHIVE_EXTENSIONS)} archive.")
+        raise UsageError(f"--src {src} is neither a folder nor a {'/'.join(ARCHIVE_EXTENSIONS)} archive.")
 
 
 def source_identity(src: Path | None) -> str:
@@ -153,9 +160,9 @@ def read_manifest(out_dir: Path) -> dict | None:
 def check_out_dir(out_dir: Path, src: Path | None, manifest: dict, overwrite: bool) -> None:
     """Refuse, before any slow work, an out_dir whose content this run must not mix with or delete."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise SystemExit(f"--out_dir {out_dir} exists and is not a folder.")
+        raise UsageError(f"--out_dir {out_dir} exists and is not a folder.")
     if src is not None and src.resolve().is_relative_to(out_dir.resolve()):
-        raise SystemExit(
+        raise UsageError(
             f"--src {src} lies inside --out_dir {out_dir}; choose an --out_dir outside the source."
         )
     if overwrite or not out_dir.exists() or not any(out_dir.iterdir()):
@@ -167,7 +174,7 @@ def check_out_dir(out_dir: Path, src: Path | None, manifest: dict, overwrite: bo
         found = f"is not empty and has no readable {MANIFEST_NAME}, so it was not made by this script"
     else:
         found = f"was made from {previous.get('source')} with num_frames={previous.get('num_frames')}"
-    raise SystemExit(
+    raise UsageError(
         f"--out_dir {out_dir} {found}; this run converts {manifest['source']} with "
         f"num_frames={manifest['num_frames']}. Choose another --out_dir, or pass --overwrite to delete the "
         "previous output first."
@@ -201,7 +208,7 @@ def download_subset() -> Path:
     try:
         return Path(hf_hub_download(repo_id=HUB_REPO_ID, filename=HUB_FILENAME, repo_type="dataset"))
     except OSError as error:  # hub HTTP errors and "offline, not cached" are OSErrors too
-        raise SystemExit(
+        raise UserError(
             f"Could not download {HUB_FILENAME} from {HUB_REPO_ID} ({error}). "
             "Download it elsewhere and pass it with --src."
         ) from error
@@ -215,10 +222,10 @@ def extract_archive(archive: Path, destination: Path) -> None:
                 if not (member.isfile() or member.isdir()):
                     continue  # links and device nodes are never part of a video dataset
                 if os.path.isabs(member.name) or ".." in Path(member.name).parts:
-                    raise SystemExit(f"Refusing to extract {archive}: unsafe member path {member.name!r}.")
+                    raise UserError(f"Refusing to extract {archive}: unsafe member path {member.name!r}.")
                 tar.extract(member, destination, filter="data")
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise SystemExit(f"Could not read archive {archive}: {error}") from error
+        raise UserError(f"Could not read archive {archive}: {error}") from error
 
 
 @contextmanager
@@ -248,12 +255,12 @@ def find_split_parent(folder: Path, shown_as: str) -> tuple[Path, str]:
     candidates = [folder] + [child for child in visible_children(folder) if child.is_dir()]
     with_splits = [c for c in candidates if any((c / split).is_dir() for split in SPLITS)]
     if not with_splits:
-        raise SystemExit(f"No split folder ({', '.join(SPLITS)}) found in {shown_as} or its sub-folders.")
+        raise UserError(f"No split folder ({', '.join(SPLITS)}) found in {shown_as} or its sub-folders.")
     if with_splits[0] == folder:
         return folder, shown_as
     if len(with_splits) > 1:
         names = ", ".join(c.name for c in with_splits)
-        raise SystemExit(
+        raise UserError(
             f"Several sub-folders of {shown_as} contain split folders ({names}); point --src at one."
         )
     return with_splits[0], f"{shown_as}/{with_splits[0].name}"
@@ -271,7 +278,7 @@ def discover_videos(root: Path, shown_as: str) -> list[Video]:
             stems = Counter(f.stem for f in files)
             clashes = sorted(f.name for f in files if stems[f.stem] > 1)
             if clashes:
-                raise SystemExit(
+                raise UserError(
                     f"{shown_as}/{split}/{class_dir.name} has videos that would share frame names: "
                     f"{', '.join(clashes)}. Rename or remove all but one."
                 )
@@ -472,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
         root, shown_root = find_split_parent(folder, shown_as)
         videos = discover_videos(root, shown_root)
         if not videos:
-            raise SystemExit(f"No video files ({' '.join(VIDEO_EXTENSIONS)}) found under {shown_root}.")
+            raise UserError(f"No video files ({' '.join(VIDEO_EXTENSIONS)}) found under {shown_root}.")
         if args.overwrite:
             remove_previous_output(args.out_dir)
         args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -484,14 +491,14 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl_files(args.out_dir, videos, skip_reasons, args.num_frames)
     print_summary(args.out_dir, videos, skip_reasons, already_done, args.num_frames)
     if len(skip_reasons) == len(videos):
-        raise SystemExit(
+        raise UserError(
             f"No video could be converted ({len(videos)} found, all skipped); see the warnings above."
         )
     if args.strict and skip_reasons:
-        raise SystemExit(
+        raise UserError(
             f"--strict: {len(skip_reasons)} of {len(videos)} videos were skipped; see the warnings above."
         )
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

@@ -23,6 +23,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from common.cli import main_guard
+from common.errors import UserError
+
 REPO = Path(__file__).resolve().parent
 CLASSES = {"RedBall": (40, 40, 230), "GreenBall": (40, 200, 40), "BlueBall": (230, 60, 40)}  # BGR
 VIDEOS_PER_SPLIT = {"train": 12, "val": 4, "test": 2}
@@ -53,8 +56,11 @@ def write_video_set(root: Path, seed: int = 0) -> None:
 
 
 def run(command: list[str]) -> None:
+    """One step of the demo; a failed step has printed its own error, the demo stops with its name."""
     print("$", " ".join(command), flush=True)
-    subprocess.run(command, cwd=REPO, check=True)
+    status = subprocess.run(command, cwd=REPO).returncode
+    if status != 0:
+        raise UserError(f"{' '.join(command[1:3])} failed with exit status {status} (its message is above)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -85,4 +91,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

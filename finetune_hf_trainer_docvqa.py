@@ -15,15 +15,22 @@ Metric: ANLS (average normalised Levenshtein similarity, threshold 0.5, best ove
 """
 
 import random
+from dataclasses import dataclass
 from functools import partial
 
-from common.arguments import build_parser
+from common.arguments import build_parser, resolve_run_config
 from common.cli import main_guard
+from common.config import DataConfig
 from common.data import Sample, SampleDataset, Turn, base_dir_of, load_split
 from common.finetune import Task, run_finetuning
 from common.metrics import ANLS
 
 MINI_TRAIN_FRACTION = 0.01
+
+
+@dataclass(frozen=True)
+class DocVQAOptions:
+    full_train: bool  # --full_train: the whole train split instead of the mini-train split
 
 
 def train_sample(seed: int, row, index: int) -> Sample:
@@ -39,25 +46,25 @@ def eval_sample(row, index: int) -> Sample:
     )
 
 
-def load_docvqa(args) -> tuple[SampleDataset, SampleDataset]:
-    train_rows = load_split("HuggingFaceM4/DocumentVQA", None, "train", args.dataset_path)
-    eval_rows = load_split("HuggingFaceM4/DocumentVQA", None, "validation", args.dataset_path)
-    if not args.full_train:
+def load_docvqa(data: DataConfig, options: DocVQAOptions) -> tuple[SampleDataset, SampleDataset]:
+    train_rows = load_split("HuggingFaceM4/DocumentVQA", None, "train", data.dataset_path)
+    eval_rows = load_split("HuggingFaceM4/DocumentVQA", None, "validation", data.dataset_path)
+    if not options.full_train:
         train_rows = train_rows.select(range(max(1, round(len(train_rows) * MINI_TRAIN_FRACTION))))
-    base_dir = base_dir_of(args.dataset_path)
+    base_dir = base_dir_of(data.dataset_path)
     return (
-        SampleDataset(train_rows, partial(train_sample, args.seed), base_dir),
+        SampleDataset(train_rows, partial(train_sample, data.seed), base_dir),
         SampleDataset(eval_rows, eval_sample, base_dir),
     )
 
 
-TASK = Task("DocVQA", ANLS, load_docvqa)
+TASK = Task("DocVQA", ANLS, load_docvqa, DocVQAOptions)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = build_parser(__doc__, num_crops=16)
     parser.add_argument("--full_train", action="store_true", help="train on the full train split (default: 1%%)")
-    return run_finetuning(TASK, parser.parse_args(argv))
+    return run_finetuning(TASK, resolve_run_config(parser.parse_args(argv), TASK.options))
 
 
 if __name__ == "__main__":

@@ -15,19 +15,19 @@ Prompt: `<|image_1|>\\n{question}` in the chat template; answer `{yes|no}<|end|>
 Metric: accuracy of the generated answer (stripped of whitespace and periods, lowercased).
 """
 
-from common.arguments import build_parser
+from common.arguments import build_parser, resolve_run_config
 from common.cli import main_guard
 from common.data import load_cauldron_splits
 from common.finetune import Task, run_finetuning
 from common.metrics import ACCURACY
 
 TASK = Task(
-    "Hateful Memes", ACCURACY, lambda args: load_cauldron_splits("hateful_memes", args.dataset_path, args.eval_size)
+    "Hateful Memes", ACCURACY, lambda data, _: load_cauldron_splits("hateful_memes", data.dataset_path, data.eval_size)
 )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    return run_finetuning(TASK, build_parser(__doc__, num_crops=16).parse_args(argv))
+    return run_finetuning(TASK, resolve_run_config(build_parser(__doc__, num_crops=16).parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -15,17 +15,17 @@ Recipe results (4 GPUs, bf16, flash attention, batch 64): full finetuning lr 1e-
 frozen vision lr 2e-5, 2 epochs: 89.20.
 """
 
-from common.arguments import build_parser
+from common.arguments import build_parser, resolve_run_config
 from common.cli import main_guard
 from common.data import load_cauldron_splits
 from common.finetune import Task, run_finetuning
 from common.metrics import ACCURACY
 
-TASK = Task("NLVR2", ACCURACY, lambda args: load_cauldron_splits("nlvr2", args.dataset_path, args.eval_size))
+TASK = Task("NLVR2", ACCURACY, lambda data, _: load_cauldron_splits("nlvr2", data.dataset_path, data.eval_size))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    return run_finetuning(TASK, build_parser(__doc__, num_crops=4).parse_args(argv))
+    return run_finetuning(TASK, resolve_run_config(build_parser(__doc__, num_crops=4).parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ Metric: accuracy of the generated class name (stripped of whitespace and periods
 Frames are many images per sample, so num_crops defaults to 4 (Phi-3.5-vision's multi-frame setting).
 """
 
-from common.arguments import build_parser
+from common.arguments import build_parser, resolve_run_config
 from common.cli import main_guard
 from common.finetune import Task, run_finetuning
 from common.metrics import ACCURACY
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     if not args.data_dir:
         parser.error("--data_dir is required: the output folder of convert_ucf101.py")
-    return run_finetuning(TASK, args)
+    return run_finetuning(TASK, resolve_run_config(args))
 
 
 if __name__ == "__main__":

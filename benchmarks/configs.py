@@ -1,4 +1,4 @@
-"""What is benchmarked: the strategies, a configuration's name, the row every configuration reports, and the
+"""What is benchmarked: the strategies (`common.strategy.STRATEGIES`) as the table names them, a configuration's name, the row every configuration reports, and the
 reason a failed one gives."""
 
 from __future__ import annotations
@@ -8,18 +8,19 @@ from pathlib import Path
 import torch
 
 from common.cli import user_message
+from common.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 OFFICIAL_CONFIG = REPO / "benchmarks" / "phi35v_config.json"
 
-# name -> (label in the table, the script flags that select it)
-STRATEGIES = {
-    "full": ("full-finetuning", {}),
-    "frozen": ("frozen image model", {"freeze_vision_model": True}),
-    "lora": ("LoRA", {"use_lora": True}),
-    "qlora": ("QLoRA", {"use_qlora": True}),
-    "lora_frozen": ("LoRA (frozen image model)", {"use_lora": True, "freeze_vision_model": True}),
-    "qlora_frozen": ("QLoRA (frozen image model)", {"use_qlora": True, "freeze_vision_model": True}),
+# strategy name -> the method column of the table, named as the recipe's tables name it
+METHOD_LABELS = {
+    "full": "full-finetuning",
+    "frozen": "frozen image model",
+    "lora": "LoRA",
+    "qlora": "QLoRA",
+    "lora_frozen": "LoRA (frozen image model)",
+    "qlora_frozen": "QLoRA (frozen image model)",
 }
 DEFAULT_STRATEGIES = "full,frozen,lora,qlora"
 
@@ -33,7 +34,7 @@ def base_row(args, strategy: str, flash: bool) -> dict:
     return {
         "config": config_name(strategy, flash),
         "strategy": strategy,
-        "method": STRATEGIES[strategy][0],
+        "method": METHOD_LABELS[strategy],
         "flash_attention": flash,
         "effective_batch_size": args.batch_size,
         "batch_size_per_gpu": args.batch_size_per_gpu,
@@ -43,13 +44,13 @@ def base_row(args, strategy: str, flash: bool) -> dict:
 
 
 def error_reason(error: BaseException) -> str:
-    """One line for a row's reason: a SystemExit's message, a short CUDA out-of-memory, else the exception."""
-    if isinstance(error, SystemExit):
-        text = str(error.code)
+    """One line for a row's reason: a user error's message, a short CUDA out-of-memory, else the exception."""
+    if isinstance(error, UserError):
+        text = user_message(error)
     elif isinstance(error, torch.cuda.OutOfMemoryError):
         text = "CUDA out of memory: " + str(error).split(".")[0]
     else:
         text = f"{type(error).__name__}: {user_message(error)}"
-    text = text.removeprefix("error: ").strip()
+    text = text.strip()
     return " ".join(text.split())[:500]
 

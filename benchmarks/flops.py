@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmarks.configs import STRATEGIES
 from common.phi3v.image_processing_phi3_v import CROP_SIZE
+from common.strategy import STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,7 @@ def training_flops(
     something trainable: 1x), "leaf" (frozen, nothing trainable below: 0). Attention backward is 2x its forward
     wherever gradients flow. `hardware` adds one forward of checkpointed layers that take part in the backward.
     """
-    _, flags = STRATEGIES[strategy]
-    lora = flags.get("use_lora") or flags.get("use_qlora")
-    frozen_vision = flags.get("freeze_vision_model", False)
+    lora, frozen_vision = STRATEGIES[strategy].lora, STRATEGIES[strategy].freeze_vision
     decoder_role = "pass" if lora else "train"
     vision_role = "leaf" if frozen_vision else decoder_role
     totals = {"forward": 0.0, "model": 0.0, "hardware": 0.0}

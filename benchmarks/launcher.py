@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 from benchmarks.assets import prepare_assets
-from benchmarks.configs import REPO, STRATEGIES, base_row, config_name, error_reason
+from benchmarks.configs import REPO, base_row, config_name, error_reason
 from benchmarks.report import fmt, write_report
 from benchmarks.synthetic import time_data_path
 from benchmarks.worker import auto_workers
+from common.errors import UsageError, UserError
 from common.precision import resolve_precision
+from common.strategy import STRATEGIES
 
 ENTRY_POINT = REPO / "benchmark.py"  # the workers run the same command line with --worker
 
@@ -29,9 +31,9 @@ def precheck(args, strategy: str, flash: bool) -> str | None:
     if flash:
         try:
             resolve_precision(args.bf16, True)
-        except SystemExit as error:
+        except UsageError as error:
             return error_reason(error)
-    if STRATEGIES[strategy][1].get("use_qlora") and importlib.util.find_spec("bitsandbytes") is None:
+    if STRATEGIES[strategy].quantize_4bit and importlib.util.find_spec("bitsandbytes") is None:
         return "QLoRA needs the bitsandbytes package (pip install bitsandbytes)"
     return None
 
@@ -161,7 +163,7 @@ def collect(args) -> dict:
     """The report from every rows/*.json in --output_dir (configurations run with --worker under any launcher)."""
     rows = [json.loads(p.read_text()) for p in sorted((Path(args.output_dir) / "rows").glob("*.json"))]
     if not rows:
-        raise SystemExit(f"error: no rows/*.json in {args.output_dir}")
+        raise UserError(f"no rows/*.json in {args.output_dir}")
     model_path, pages = prepare_assets(args)
     data_path = measure_data_path(args, model_path, pages)
     order = list(STRATEGIES)

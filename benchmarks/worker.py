@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-import logging
-import os
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -15,11 +13,15 @@ from transformers import TrainerCallback
 
 import common  # noqa: F401  (registers phi3_v with the Auto classes)
 from benchmarks.assets import prepare_assets
-from benchmarks.configs import STRATEGIES, base_row, config_name, error_reason
+from benchmarks.configs import base_row, config_name, error_reason
 from benchmarks.flops import ModelDims, peak_flops_for, training_flops, utilization
 from benchmarks.synthetic import available_cores, docvqa_dataset, image_layout, sample_lengths
-from common.arguments import validate_args
-from common.precision import resolve_precision
+from common.arguments import resolve_run_config
+from common.config import RunConfig
+from common.distributed import Distributed, start_distributed
+from common.errors import UsageError
+from common.logging_setup import setup_logging
+from common.strategy import STRATEGIES
 
 GIB = 2**30
 
@@ -84,49 +86,55 @@ def _worker_config(args) -> tuple[str, bool]:
     """(strategy, flash) of the single configuration a worker runs."""
     strategies = [s for s in args.strategies.split(",") if s]
     if len(strategies) != 1 or args.flash not in ("on", "off"):
-        raise SystemExit("error: --worker runs one configuration: --strategies NAME --flash on|off")
+        raise UsageError("--worker runs one configuration: --strategies NAME --flash on|off")
     return strategies[0], args.flash == "on"
 
 
-def measure(args, strategy: str, flash: bool) -> dict:
+def run_config(args: argparse.Namespace, strategy: str, flash: bool, model_path: str, workers: int) -> RunConfig:
+    """The configuration a script would resolve from the benchmark's flags with this strategy's and flash
+    attention's flags on, training warmup + timed steps, into its own output folder."""
+    flags = {
+        **vars(args),
+        **STRATEGIES[strategy].flags,
+        "use_flash_attention": flash,
+        "max_steps": args.warmup_steps + args.steps,
+        "output_dir": str(Path(args.output_dir) / "runs" / config_name(strategy, flash)),
+        "model_name_or_path": model_path,
+        "dataloader_num_workers": workers,
+    }
+    return resolve_run_config(argparse.Namespace(**flags))
+
+
+def measure(args, strategy: str, flash: bool, distributed: Distributed) -> dict:
     """Train warmup+steps optimizer steps through the scripts' path; the row of one configuration (rank 0)."""
     from transformers import AutoConfig
 
-    from common.arguments import world_size
     from common.finetune import load_processor_and_model, make_trainer
-    from common.strategy import TrainingStrategy, parameter_counts
+    from common.strategy import parameter_counts
     from common.training_arguments import training_arguments
 
-    for flag, value in STRATEGIES[strategy][1].items():
-        setattr(args, flag, value)
-    args.use_flash_attention = flash
-    args.max_steps = args.warmup_steps + args.steps
-    args.output_dir = str(Path(args.output_dir) / "runs" / config_name(strategy, flash))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    model_path, pages = prepare_assets(args, wait_only=local_rank != 0)
-    args.model_name_or_path = model_path
-    if args.dataloader_num_workers is None:
-        args.dataloader_num_workers = auto_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    model_path, pages = prepare_assets(args, wait_only=distributed.local_rank != 0)
+    workers = args.dataloader_num_workers
+    config = run_config(
+        args, strategy, flash, model_path, auto_workers(distributed.local_world_size) if workers is None else workers
+    )
+    training, precision = config.training, config.precision
+    train_args = training_arguments(
+        training, config.outputs, config.strategy, precision, distributed, prefetch_factor=args.prefetch_factor
+    )
 
-    args = validate_args(args)
-    train_strategy = TrainingStrategy.from_args(args)
-    precision = resolve_precision(args.bf16, args.use_flash_attention)
-    train_args = training_arguments(args, train_strategy, precision)
-    if args.prefetch_factor is not None and args.dataloader_num_workers > 0:
-        train_args.dataloader_prefetch_factor = args.prefetch_factor  # an experiment; default: the scripts' value
-
-    processor, model = load_processor_and_model(args, train_strategy, precision, train_args.device)
-    dataset = docvqa_dataset(pages, (args.max_steps + 1) * args.batch_size, seed=args.seed)
+    processor, model = load_processor_and_model(config.model, config.strategy, config.lora, precision, distributed.device)
+    dataset = docvqa_dataset(pages, (training.max_steps + 1) * training.batch_size, seed=training.seed)
     lengths = sample_lengths(processor, dataset, tuple(args.page_size))
     trainable, total = parameter_counts(model)
 
     timer = StepTimer(args.warmup_steps, args.steps)
-    make_trainer(model, processor, train_args, dataset, args.max_length, callbacks=[timer]).train()
-    allocated, reserved = peak_memory_gib(train_args.device)
+    make_trainer(model, processor, train_args, dataset, training.max_length, callbacks=[timer]).train()
+    allocated, reserved = peak_memory_gib(distributed.device)
 
-    processes = world_size()
+    processes = distributed.world_size
     gpus = processes if torch.cuda.is_available() else 0
-    nodes = max(1, processes // int(os.environ.get("LOCAL_WORLD_SIZE", str(processes))))
+    nodes = max(1, processes // distributed.local_world_size)
     seconds = timer.seconds
     samples_per_s = args.batch_size * args.steps / seconds
     mean_tokens = sum(lengths) / len(lengths)
@@ -145,7 +153,7 @@ def measure(args, strategy: str, flash: bool) -> dict:
         processes=processes,
         gpus=gpus,
         gradient_accumulation=train_args.gradient_accumulation_steps,
-        dataloader_num_workers=args.dataloader_num_workers,
+        dataloader_num_workers=training.dataloader_num_workers,
         dataloader_prefetch_factor=train_args.dataloader_prefetch_factor,
         precision="bf16" if precision.bf16 else "fp16 mixed" if precision.fp16 else "fp32",
         attn_implementation=precision.attn_implementation,
@@ -176,22 +184,21 @@ def measure(args, strategy: str, flash: bool) -> dict:
 def run_worker(args) -> int:
     """`benchmark.py --worker`: measure the one configuration of --strategies/--flash and write its row (rank 0),
     with the reason when it fails; the exit code is then 1."""
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout)
     strategy, flash = _worker_config(args)
     if strategy not in STRATEGIES:
-        raise SystemExit(f"error: unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+        raise UsageError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    distributed = start_distributed(STRATEGIES[strategy].uses_deepspeed)
+    setup_logging(distributed)
     result = Path(args.worker_result or Path(args.output_dir) / "rows" / f"{config_name(strategy, flash)}.json")
     row = base_row(args, strategy, flash)
     code = 0
     try:
-        row = measure(args, strategy, flash)
-    except (Exception, SystemExit) as error:  # noqa: BLE001  (every failure becomes a row with its reason)
+        row = measure(args, strategy, flash, distributed)
+    except Exception as error:  # noqa: BLE001  (every failure becomes a row with its reason)
         traceback.print_exc()
         row["reason"] = error_reason(error)
         code = 1
-    if rank == 0:
+    if distributed.is_main:
         result.parent.mkdir(parents=True, exist_ok=True)
         result.write_text(json.dumps(row, indent=2))
         print(f"BENCHMARK ROW {json.dumps(row)}", flush=True)

@@ -1,16 +1,35 @@
-"""The command line every finetuning script shares: the recipe's flags and defaults plus the new ones.
+"""The command line every finetuning script shares, and what it resolves to.
 
 Flags are declared once here; a script only changes defaults (`num_crops`, say) and adds its own
-(`--full_train` for DocVQA). `validate_args` rejects invalid combinations up front, listing every
-problem at once, before any model or data is loaded.
+(`--full_train` for DocVQA). `resolve_run_config` turns the parsed flags into the frozen pieces of
+`common.config.RunConfig`, rejecting invalid combinations up front with one `UsageError` that lists
+every problem, before any model or data is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+from dataclasses import fields
+from pathlib import Path
 
-RESUME_LATEST = "latest"
+from .config import (
+    RESUME_LATEST,
+    DataConfig,
+    EvaluationConfig,
+    LoraSettings,
+    ModelConfig,
+    OutputConfig,
+    RunConfig,
+    TrainingConfig,
+)
+from .distributed import launched_world_size
+from .errors import UsageError
+from .precision import resolve_precision
+from .strategy import TrainingStrategy
+
+DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
 
 
 def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
@@ -76,14 +95,67 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     return parser
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def resolve_run_config(
+    args: argparse.Namespace, task_options: type | None = None, world_size: int | None = None
+) -> RunConfig:
+    """The run's configuration from parsed flags; one UsageError lists every problem.
+
+    `task_options`: the frozen dataclass of a script's own flags (its fields are the flag names).
+    `world_size`: processes in the run (default: as launched, see common.distributed).
+    """
+    processes = launched_world_size() if world_size is None else world_size
+    problems = _problems(args, processes)
+    try:
+        precision = resolve_precision(args.bf16, args.use_flash_attention)
+    except UsageError as error:
+        problems.append(str(error))
+    if problems:
+        raise UsageError("invalid arguments:\n  " + "\n  ".join(problems))
+    strategy = TrainingStrategy.from_flags(args.use_lora, args.use_qlora, args.freeze_vision_model)
+    deepspeed = (args.deepspeed or str(DEFAULT_DEEPSPEED_CONFIG)) if strategy.uses_deepspeed else None
+    return RunConfig(
+        model=ModelConfig(args.model_name_or_path, args.num_crops),
+        precision=precision,
+        strategy=strategy,
+        lora=LoraSettings(args.lora_rank, args.lora_alpha_ratio, args.lora_dropout),
+        data=DataConfig(args.dataset_path, args.data_dir, args.eval_size, args.max_eval_samples, args.seed),
+        training=TrainingConfig(
+            batch_size=args.batch_size,
+            batch_size_per_gpu=args.batch_size_per_gpu,
+            num_train_epochs=args.num_train_epochs,
+            max_steps=args.max_steps,
+            learning_rate=args.learning_rate,
+            weight_decay=args.wd,
+            warmup_steps=args.warmup_steps,
+            max_length=args.max_length,
+            seed=args.seed,
+            logging_steps=args.logging_steps,
+            deepspeed_config=deepspeed,
+            report_to=args.report_to,
+            dataloader_num_workers=args.dataloader_num_workers,
+            show_progress=args.tqdm,
+        ),
+        evaluation=EvaluationConfig(
+            batch_size=args.batch_size_per_gpu if args.eval_batch_size is None else args.eval_batch_size,
+            max_new_tokens=args.max_new_tokens,
+            skip_before=args.skip_eval_before,
+            dataloader_num_workers=args.dataloader_num_workers,
+            show_progress=args.tqdm,
+        ),
+        outputs=OutputConfig(
+            output_dir=args.output_dir,
+            save_steps=args.save_steps,
+            save_total_limit=args.save_total_limit,
+            resume_from_checkpoint=args.resume_from_checkpoint,
+            merge=args.merge,
+        ),
+        task_options=task_options(**{f.name: getattr(args, f.name) for f in fields(task_options)})
+        if task_options
+        else None,
+    )
 
 
-def validate_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Normalise implied flags and raise one SystemExit that lists every problem."""
-    if args.use_qlora:
-        args.use_lora = True
+def _problems(args: argparse.Namespace, processes: int) -> list[str]:
     problems = []
     if not 1 <= args.num_crops <= 16:
         problems.append(f"--num_crops must be between 1 and 16, got {args.num_crops}")
@@ -91,7 +163,6 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     for flag in counts:
         if getattr(args, flag) < 1:
             problems.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    processes = world_size()
     if args.batch_size >= 1 and args.batch_size_per_gpu >= 1 and args.batch_size % (processes * args.batch_size_per_gpu):
         problems.append(
             f"--batch_size {args.batch_size} must be divisible by processes ({processes}) x "
@@ -105,15 +176,17 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         problems.append(f"--learning_rate must be positive, got {args.learning_rate}")
     if args.save_steps < 0:
         problems.append(f"--save_steps must be >= 0, got {args.save_steps}")
-    if args.max_length is not None and args.max_length < 1:
-        problems.append(f"--max_length must be positive, got {args.max_length}")
+    if args.dataloader_num_workers < 0:
+        problems.append(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+    for flag in ("max_length", "max_eval_samples"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            problems.append(f"--{flag} must be positive, got {getattr(args, flag)}")
     if args.eval_batch_size is not None and args.eval_batch_size < 1:
         problems.append(f"--eval_batch_size must be at least 1, got {args.eval_batch_size}")
-    if args.max_eval_samples is not None and args.max_eval_samples < 1:
-        problems.append(f"--max_eval_samples must be positive, got {args.max_eval_samples}")
-    if args.use_lora and args.deepspeed:
+    use_lora = args.use_lora or args.use_qlora
+    if use_lora and args.deepspeed:
         problems.append("--deepspeed is for full finetuning; LoRA/QLoRA train with DDP")
-    if args.merge and not args.use_lora:
+    if args.merge and not use_lora:
         problems.append("--merge only applies to LoRA/QLoRA runs (full finetuning already saves a full model)")
     if args.dataset_path and args.data_dir:
         problems.append("give either --dataset_path (task schema) or --data_dir (generic jsonl format), not both")
@@ -126,8 +199,27 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         and not os.path.isdir(args.resume_from_checkpoint)
     ):
         problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a folder")
-    if problems:
-        raise SystemExit("error: invalid arguments:\n  " + "\n  ".join(problems))
-    if args.eval_batch_size is None:
-        args.eval_batch_size = args.batch_size_per_gpu
-    return args
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        problems.append(f"--output_dir {args.output_dir} is a file, not a folder: give a folder path")
+    if problem := _model_path_problem(args.model_name_or_path):
+        problems.append(problem)
+    return problems
+
+
+# A hub model id: `name` or `namespace/name`, letters, digits and - _ . only (huggingface_hub's rule).
+_HUB_ID = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]+$")
+
+
+def _model_path_problem(path: str) -> str | None:
+    """A local folder must hold a checkpoint; anything else must at least look like a hub id."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            return f"--model_name_or_path {path} is a folder without config.json: give a checkpoint folder"
+        return None
+    looks_like_a_path = path.startswith((".", "/", "~")) or path.endswith("/") or os.path.exists(path)
+    if looks_like_a_path or not _HUB_ID.match(path) or ".." in path:
+        return (
+            f"--model_name_or_path {path} is not a folder (check the path) nor a hub model id such as "
+            "microsoft/Phi-3.5-vision-instruct"
+        )
+    return None

@@ -1,9 +1,18 @@
-"""What a user sees when a command fails on their input: one clear line, exit code 1, no traceback."""
+"""Where errors become messages: each command's guard prints a `UserError` as one `error: ...` line.
+
+Exit status 2 for usage (bad flags), 1 for data and runtime problems; any other exception keeps its
+traceback (it means a bug, and the traceback is what a report needs).
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import TypeVar
+
+from .errors import UserError
+
+Result = TypeVar("Result")
 
 
 def user_message(error: BaseException) -> str:
@@ -16,10 +25,10 @@ def user_message(error: BaseException) -> str:
     return message
 
 
-def main_guard(run: Callable[[], object]) -> None:
-    """Run a script's main; a user error (bad data or flags: ValueError) ends with one message and exit code 1."""
+def main_guard(run: Callable[[], Result]) -> Result:
+    """Run a command's main and return its result; a `UserError` ends the process with one message."""
     try:
-        run()
-    except ValueError as error:
-        print(f"error: {user_message(error)}", file=sys.stderr)
-        sys.exit(1)
+        return run()
+    except UserError as error:
+        print(f"error: {user_message(error)}", file=sys.stderr, flush=True)
+        sys.exit(error.exit_status)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .data import Sample
+from .errors import UserError
 
 IGNORE_INDEX = -100
 
@@ -61,7 +62,7 @@ class ConversationEncoder:
             try:
                 sample_ids, sample_labels = self.encode(sample, own_counts, with_last_answer)
             except ValueError as error:
-                raise ValueError(f"sample {sample.id}: {error}") from error
+                raise UserError(f"sample {sample.id}: {error}") from error
             ids.append(sample_ids)
             labels.append(sample_labels)
         return ids, labels, image_inputs
@@ -101,7 +102,7 @@ class Phi3VTrainCollator:
         if self.max_length is not None:
             for sample, sample_ids in zip(samples, ids):
                 if len(sample_ids) > self.max_length:
-                    raise ValueError(
+                    raise UserError(
                         f"sample {sample.id} has {len(sample_ids)} tokens (images included), more than "
                         f"--max_length {self.max_length}; raise --max_length, lower --num_crops or remove the sample"
                     )

@@ -26,6 +26,8 @@ import datasets
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .errors import UserError
+
 _IMAGE_TAG = re.compile(r"<\|image_\d+\|>")
 
 
@@ -44,7 +46,7 @@ class Sample:
 
     def __post_init__(self):
         if not self.turns:
-            raise ValueError(f"sample {self.id}: no conversation turns")
+            raise UserError(f"sample {self.id}: no conversation turns")
         if not self.references:
             self.references = [self.turns[-1].assistant]
 
@@ -54,7 +56,7 @@ class Sample:
 
 
 def open_image(source: Any, sample_id: str, base_dir: Path | None = None) -> Image.Image:
-    """A fully decoded PIL image from any stored form; a ValueError names the sample and file otherwise."""
+    """A fully decoded PIL image from any stored form; a UserError names the sample and file otherwise."""
     if isinstance(source, Image.Image):
         return source
     path = None
@@ -69,7 +71,7 @@ def open_image(source: Any, sample_id: str, base_dir: Path | None = None) -> Ima
         image.load()
         return image
     except (OSError, TypeError, KeyError) as error:
-        raise ValueError(f"sample {sample_id}: cannot read image {path or '<embedded bytes>'}: {error}") from error
+        raise UserError(f"sample {sample_id}: cannot read image {path or '<embedded bytes>'}: {error}") from error
 
 
 class SampleDataset(Dataset):
@@ -141,7 +143,7 @@ def load_split(hub_id: str, subset: str | None, split: str, dataset_path: str | 
     if (path / "dataset_dict.json").exists():
         splits = datasets.load_from_disk(str(path))
         if split not in splits:
-            raise ValueError(f"{path} has splits {sorted(splits)}, not {split!r}")
+            raise UserError(f"{path} has splits {sorted(splits)}, not {split!r}")
         return splits[split]
     if (path / "state.json").exists():
         return _only_train(datasets.load_from_disk(str(path)), path, split)
@@ -149,20 +151,20 @@ def load_split(hub_id: str, subset: str | None, split: str, dataset_path: str | 
         return _only_train(_load_files([path]), path, split)
     files = sorted(f for f in path.iterdir() if f.name.startswith(split) and f.suffix in _FILE_FORMATS)
     if not files:
-        raise ValueError(f"{path}: no {split}*.parquet or {split}*.jsonl files (and not a save_to_disk folder)")
+        raise UserError(f"{path}: no {split}*.parquet or {split}*.jsonl files (and not a save_to_disk folder)")
     return _load_files(files)
 
 
 def _only_train(dataset: datasets.Dataset, path: Path, split: str) -> datasets.Dataset:
     if split != "train":
-        raise ValueError(f"{path} holds a single split, used as 'train'; the task also needs {split!r}")
+        raise UserError(f"{path} holds a single split, used as 'train'; the task also needs {split!r}")
     return dataset
 
 
 def _load_files(files: list[Path]) -> datasets.Dataset:
     formats = {_FILE_FORMATS.get(f.suffix) for f in files}
     if len(formats) != 1 or None in formats:
-        raise ValueError(f"expected parquet or jsonl files of one kind, got {[f.name for f in files]}")
+        raise UserError(f"expected parquet or jsonl files of one kind, got {[f.name for f in files]}")
     return datasets.load_dataset(formats.pop(), data_files=[str(f) for f in files], split="train")
 
 
@@ -178,7 +180,7 @@ def base_dir_of(dataset_path: str | None) -> Path | None:
 
 
 def read_conversation_jsonl(path: Path) -> list[Sample]:
-    """Samples of one generic-format jsonl file; a ValueError names the file and line of a bad record."""
+    """Samples of one generic-format jsonl file; a UserError names the file and line of a bad record."""
     samples = []
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -194,16 +196,16 @@ def read_conversation_jsonl(path: Path) -> list[Sample]:
                 ]
                 samples.append(Sample(id=str(record.get("id", f"{path.stem}-{number}")), turns=turns))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                raise ValueError(f"{path}:{number}: not a valid sample ({error!r})") from error
+                raise UserError(f"{path}:{number}: not a valid sample ({error!r})") from error
     if not samples:
-        raise ValueError(f"{path}: no samples")
+        raise UserError(f"{path}: no samples")
     return samples
 
 
 def find_split_file(data_dir: Path, split: str) -> Path:
     matches = sorted(data_dir.glob(f"*{split}.jsonl"))
     if len(matches) != 1:
-        raise ValueError(f"{data_dir}: expected exactly one *{split}.jsonl file, found {[m.name for m in matches]}")
+        raise UserError(f"{data_dir}: expected exactly one *{split}.jsonl file, found {[m.name for m in matches]}")
     return matches[0]
 
 

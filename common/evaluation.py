@@ -16,28 +16,18 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .collators import Phi3VEvalCollator
+from .config import EvaluationConfig
 from .data import SampleDataset
+from .distributed import ONE_PROCESS, Distributed
 from .metrics import Metric, normalize_answer
 
 logger = logging.getLogger(__name__)
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_main_process() -> bool:
-    """Global rank 0 (or no process group at all): the one process that writes shared files."""
-    return _rank_and_world()[0] == 0
-
-
-def _gather(records: list[dict]) -> list[dict]:
-    rank, world = _rank_and_world()
-    if world == 1:
+def _gather(records: list[dict], distributed: Distributed) -> list[dict]:
+    if distributed.world_size == 1:
         return records
-    gathered = [None] * world
+    gathered = [None] * distributed.world_size
     dist.all_gather_object(gathered, records)
     return [record for part in gathered for record in part]
 
@@ -45,11 +35,10 @@ def _gather(records: list[dict]) -> list[dict]:
 @torch.no_grad()
 def generate_predictions(
     model, processor, dataset: SampleDataset, batch_size: int, max_new_tokens: int, num_workers: int = 0,
-    show_progress: bool = True,
+    show_progress: bool = True, distributed: Distributed = ONE_PROCESS,
 ) -> list[dict]:
     """All ranks call this; every rank gets [{"index", "id", "prediction", "references"}] in dataset order."""
-    rank, world = _rank_and_world()
-    shard = list(range(rank, len(dataset), world))
+    shard = list(range(distributed.rank, len(dataset), distributed.world_size))
     loader = DataLoader(
         dataset.subset(shard), batch_size=batch_size, collate_fn=Phi3VEvalCollator(processor),
         num_workers=num_workers, shuffle=False,
@@ -60,7 +49,7 @@ def generate_predictions(
     model.eval()
     device = next(model.parameters()).device
     records, position = [], 0
-    for batch in tqdm(loader, desc="generating", disable=rank != 0 or not show_progress):
+    for batch in tqdm(loader, desc="generating", disable=not distributed.is_main or not show_progress):
         ids, references = batch.pop("ids"), batch.pop("references")
         inputs = {key: value.to(device) for key, value in batch.items()}
         output = model.generate(
@@ -74,18 +63,22 @@ def generate_predictions(
             records.append({"index": shard[position], "id": sample_id, "prediction": text, "references": refs})
             position += 1
     model.train(was_training)
-    return sorted(_gather(records), key=lambda record: record["index"])
+    return sorted(_gather(records, distributed), key=lambda record: record["index"])
 
 
-def evaluate(model, processor, dataset: SampleDataset, metric: Metric, save_path: Path, args) -> float:
+def evaluate(
+    model, processor, dataset: SampleDataset, metric: Metric, save_path: Path, evaluation: EvaluationConfig,
+    distributed: Distributed,
+) -> float:
     """Generate, score and (rank 0) write `save_path`; returns the metric on every rank."""
     records = generate_predictions(
-        model, processor, dataset, args.eval_batch_size, args.max_new_tokens, args.dataloader_num_workers, args.tqdm
+        model, processor, dataset, evaluation.batch_size, evaluation.max_new_tokens,
+        evaluation.dataloader_num_workers, evaluation.show_progress, distributed,
     )
     predictions = [record["prediction"] for record in records]
     references = [record["references"] for record in records]
     score = metric.compute(predictions, references)
-    if is_main_process():
+    if distributed.is_main:
         report = {
             "metric": metric.name,
             metric.name: score,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import is_flash_attn_2_available
 
+from .errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 
@@ -26,21 +28,21 @@ class Precision:
 
 
 def resolve_precision(bf16: bool, use_flash_attention: bool, cuda_available: bool | None = None) -> Precision:
-    """Raises SystemExit with the reason when the combination cannot run here."""
+    """Raises UsageError with the reason when the combination cannot run here."""
     cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
     if use_flash_attention:
         if not cuda_available:
-            raise SystemExit("error: --use_flash_attention needs a CUDA GPU (Ampere or newer)")
+            raise UsageError("--use_flash_attention needs a CUDA GPU (Ampere or newer)")
         if not is_flash_attn_2_available():
-            raise SystemExit(
-                "error: --use_flash_attention needs the flash-attn package: "
+            raise UsageError(
+                "--use_flash_attention needs the flash-attn package: "
                 "pip install ninja && MAX_JOBS=32 pip install flash-attn --no-build-isolation"
             )
         if not bf16:
             # fp16 mixed precision keeps fp32 weights and activations outside autocast regions, which the
             # flash kernels reject; every GPU that runs flash attention also supports bf16.
-            raise SystemExit(
-                "error: --use_flash_attention requires --bf16 (flash attention needs half-precision "
+            raise UsageError(
+                "--use_flash_attention requires --bf16 (flash attention needs half-precision "
                 "activations, fp16 mixed precision keeps them in fp32; every flash-capable GPU supports bf16)"
             )
     attn = "flash_attention_2" if use_flash_attention else "sdpa"

@@ -1,6 +1,6 @@
 """The training strategy of a run — full, frozen vision, LoRA or QLoRA — and the one builder that applies it.
 
-`TrainingStrategy.from_args` resolves the flags into one value; `quantization_config` and `lora_config`
+`common.arguments` resolves the flags into one `TrainingStrategy`; `quantization_config` and `lora_config`
 are pure helpers returning a config or None; `build_model` loads the checkpoint and prepares it for
 training. Scripts never branch on the strategy.
 """
@@ -8,14 +8,17 @@ training. Scripts never branch on the strategy.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from .precision import Precision
+
+if TYPE_CHECKING:
+    from .config import LoraSettings
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +28,28 @@ VISION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "
 
 @dataclass(frozen=True)
 class TrainingStrategy:
-    lora: bool
-    quantize_4bit: bool
-    freeze_vision: bool
+    lora: bool  # adapters train, the base weights stay frozen
+    quantize_4bit: bool  # the frozen base is loaded in 4-bit nf4 (QLoRA)
+    freeze_vision: bool  # the CLIP tower and image projection do not train (no adapters there either)
 
     @classmethod
-    def from_args(cls, args) -> TrainingStrategy:
-        return cls(lora=args.use_lora or args.use_qlora, quantize_4bit=args.use_qlora, freeze_vision=args.freeze_vision_model)
+    def from_flags(cls, use_lora: bool, use_qlora: bool, freeze_vision_model: bool) -> TrainingStrategy:
+        """The one place flags become a strategy: --use_qlora implies --use_lora."""
+        return cls(lora=use_lora or use_qlora, quantize_4bit=use_qlora, freeze_vision=freeze_vision_model)
+
+    @property
+    def flags(self) -> dict[str, bool]:
+        """The values of the script flags that select this strategy."""
+        return {
+            "use_lora": self.lora and not self.quantize_4bit,
+            "use_qlora": self.quantize_4bit,
+            "freeze_vision_model": self.freeze_vision,
+        }
+
+    @property
+    def command_line(self) -> list[str]:
+        """The flags that select this strategy on a script's command line."""
+        return [f"--{flag}" for flag, on in self.flags.items() if on]
 
     @property
     def name(self) -> str:
@@ -42,6 +60,17 @@ class TrainingStrategy:
     def uses_deepspeed(self) -> bool:
         """The recipe trains all weights under ZeRO-2 and adapters under plain DDP."""
         return not self.lora
+
+
+# The strategies by short name (benchmark configurations, tests): every combination the flags can select.
+STRATEGIES = {
+    "full": TrainingStrategy(lora=False, quantize_4bit=False, freeze_vision=False),
+    "frozen": TrainingStrategy(lora=False, quantize_4bit=False, freeze_vision=True),
+    "lora": TrainingStrategy(lora=True, quantize_4bit=False, freeze_vision=False),
+    "qlora": TrainingStrategy(lora=True, quantize_4bit=True, freeze_vision=False),
+    "lora_frozen": TrainingStrategy(lora=True, quantize_4bit=False, freeze_vision=True),
+    "qlora_frozen": TrainingStrategy(lora=True, quantize_4bit=True, freeze_vision=True),
+}
 
 
 def quantization_config(strategy: TrainingStrategy, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
@@ -73,12 +102,13 @@ def load_model(
     quantization: BitsAndBytesConfig | None = None,
     adapter_path: str | None = None,
     dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
 ) -> PreTrainedModel:
     """Load an official-format checkpoint (and optionally a LoRA adapter on top) with our native code, in
-    `precision.load_dtype` unless `dtype` says otherwise."""
+    `precision.load_dtype` unless `dtype` says otherwise. bitsandbytes places a 4-bit model itself, on `device`."""
     device_map = None
-    if quantization is not None and torch.cuda.is_available():
-        device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    if quantization is not None and device is not None and device.type == "cuda":
+        device_map = {"": device.index or 0}
     model = AutoModelForCausalLM.from_pretrained(
         model_name_or_path,
         dtype=dtype or precision.load_dtype,
@@ -101,17 +131,23 @@ def _keep_4bit_layout_trainable(model: PreTrainedModel) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def build_model(args, strategy: TrainingStrategy, precision: Precision) -> PreTrainedModel:
+def build_model(
+    model_name_or_path: str,
+    strategy: TrainingStrategy,
+    lora: LoraSettings,
+    precision: Precision,
+    device: torch.device | None = None,
+) -> PreTrainedModel:
     """Load the base model and make exactly the strategy's parameters trainable."""
-    model = load_model(args.model_name_or_path, precision, quantization_config(strategy, precision.compute_dtype))
+    model = load_model(
+        model_name_or_path, precision, quantization_config(strategy, precision.compute_dtype), device=device
+    )
     model.config.use_cache = False  # the KV cache is useless with gradient checkpointing
     if strategy.quantize_4bit:
         _keep_4bit_layout_trainable(model)
     # The CLIP layers after the feature layer never influence the output: they get no adapters (so the adapter
     # loads onto a complete base model without missing keys) and are dropped from the model being trained.
-    adapters = lora_config(
-        strategy, args.lora_rank, args.lora_alpha_ratio, args.lora_dropout, model.unused_vision_layers_pattern()
-    )
+    adapters = lora_config(strategy, lora.rank, lora.alpha_ratio, lora.dropout, model.unused_vision_layers_pattern())
     if adapters is not None:
         model.enable_input_require_grads()
         model = get_peft_model(model, adapters)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import convert_ucf101
+from common.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("Archery", "BabyCrawling", "ApplyEyeMakeup")
@@ -82,7 +83,7 @@ def make_test_tree(root: Path) -> Path:
 
 
 def run_main(argv: list[str]) -> tuple[str, str]:
-    """Run ``convert_ucf101.main`` in-process; return (stdout, stderr). SystemExit propagates."""
+    """Run ``convert_ucf101.main`` in-process; return (stdout, stderr). Errors propagate."""
     stdout, stderr = StringIO(), StringIO()
     with redirect_stdout(stdout), redirect_stderr(stderr):
         convert_ucf101.main([*argv, "--no-tqdm"])
@@ -306,7 +307,7 @@ def test_offline_default_source_is_a_clear_error(tmp_path, monkeypatch):
         raise LocalEntryNotFoundError("no connection and not in the cache")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline_download)
-    with pytest.raises(SystemExit, match="Could not download UCF101_subset.tar.gz .* pass it with --src"):
+    with pytest.raises(UserError, match="Could not download UCF101_subset.tar.gz .* pass it with --src"):
         run_main(["--out_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
@@ -317,7 +318,7 @@ def test_unsafe_archive_is_refused(tmp_path):
     with tarfile.open(archive, "w") as tar:
         tar.add(payload, arcname="train/Archery/v_Archery_g01_c01.avi")
         tar.add(payload, arcname="../escaped.avi")
-    with pytest.raises(SystemExit, match="unsafe member path '../escaped.avi'"):
+    with pytest.raises(UserError, match="unsafe member path '../escaped.avi'"):
         run_main(["--src", str(archive), "--out_dir", str(tmp_path / "out")])
     assert not (tmp_path.parent / "escaped.avi").exists()
     assert not (tmp_path / "out").exists()
@@ -330,9 +331,9 @@ def test_out_dir_from_other_source_needs_overwrite(converted, src_tree, tmp_path
         tmp_path / "other", classes=("Basketball",), splits=("train",), videos_per_class=1
     )
     other_root = other_src[0].parents[2]
-    with pytest.raises(SystemExit, match=r"was made from .*UCF101_subset with num_frames=8.*--overwrite"):
+    with pytest.raises(UserError, match=r"was made from .*UCF101_subset with num_frames=8.*--overwrite"):
         run_main(["--src", str(other_root), "--out_dir", str(out_dir)])
-    with pytest.raises(SystemExit, match="num_frames=4"):
+    with pytest.raises(UserError, match="num_frames=4"):
         run_main(["--src", str(src_tree), "--out_dir", str(out_dir), "--num_frames", "4"])
     assert read_jsonl_texts(out_dir) == read_jsonl_texts(converted[0])  # untouched by the refusals
 
@@ -355,16 +356,16 @@ def test_non_empty_out_dir_without_manifest_is_refused(src_tree, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="has no readable .convert_ucf101.json"):
+    with pytest.raises(UserError, match="has no readable .convert_ucf101.json"):
         run_main(["--src", str(src_tree), "--out_dir", str(out_dir)])
     assert sorted(p.name for p in out_dir.iterdir()) == ["notes.txt"]
 
 
 def test_strict_fails_when_videos_were_skipped(src_tree, tmp_path):
     out_dir = tmp_path / "out"
-    with pytest.raises(SystemExit, match="--strict: 2 of 21 videos were skipped") as raised:
+    with pytest.raises(UserError, match="--strict: 2 of 21 videos were skipped") as raised:
         run_main(["--src", str(src_tree), "--out_dir", str(out_dir), "--num_workers", "1", "--strict"])
-    assert raised.value.code != 0
+    assert raised.value.exit_status == 1
     assert len((out_dir / "ucf101_train.jsonl").read_text().splitlines()) == 6
 
 
@@ -373,11 +374,11 @@ def test_nothing_usable_fails(tmp_path):
     (src / "train/Archery").mkdir(parents=True)
     (src / "train/Archery/v_Archery_g01_c01.avi").write_bytes(b"not a video")
     (src / "train/Archery/v_Archery_g02_c01.avi").write_bytes(b"")
-    with pytest.raises(SystemExit, match="No video could be converted"):
+    with pytest.raises(UserError, match="No video could be converted"):
         run_main(["--src", str(src), "--out_dir", str(tmp_path / "out")])
     empty = tmp_path / "empty"
     (empty / "val/Archery").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="No video files"):
+    with pytest.raises(UserError, match="No video files"):
         run_main(["--src", str(empty), "--out_dir", str(tmp_path / "out2")])
 
 
@@ -403,9 +404,8 @@ def folder_without_splits(root: Path) -> Path:
     ],
 )
 def test_user_errors_are_clear_messages(tmp_path, make_src, message):
-    with pytest.raises(SystemExit, match=message) as raised:
+    with pytest.raises(UserError, match=message):
         run_main(["--src", str(make_src(tmp_path)), "--out_dir", str(tmp_path / "out")])
-    assert isinstance(raised.value.code, str)
     assert not (tmp_path / "out").exists()
 
 
@@ -437,5 +437,6 @@ def test_cli_subprocess(converted, src_tree, tmp_path):
         env=env,
         timeout=120,
     )
-    assert failed.returncode == 1
-    assert "does not exist" in failed.stderr and "Traceback" not in failed.stderr
+    assert failed.returncode == 2  # a usage error: the flag names a missing path
+    assert failed.stderr.startswith("error: --src ") and "does not exist" in failed.stderr
+    assert "Traceback" not in failed.stderr

@@ -1,8 +1,13 @@
-"""common/arguments.py: the shared flags, their recipe defaults, and validate_args."""
+"""common/arguments.py: the shared flags, their recipe defaults, and what resolve_run_config makes of them."""
+
+from dataclasses import FrozenInstanceError, dataclass
 
 import pytest
 
-from common.arguments import RESUME_LATEST, build_parser, validate_args, world_size
+from common.arguments import DEFAULT_DEEPSPEED_CONFIG, RESUME_LATEST, build_parser, resolve_run_config
+from common.distributed import launched_world_size
+from common.errors import UsageError
+from common.strategy import TrainingStrategy
 
 
 @pytest.fixture(autouse=True)
@@ -16,14 +21,15 @@ def parse(*argv, **defaults):
 
 
 def validated(*argv, **defaults):
-    return validate_args(parse(*argv, **defaults))
+    return resolve_run_config(parse(*argv, **defaults))
 
 
 def problems_of(*argv, **defaults) -> str:
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(UsageError) as info:
         validated(*argv, **defaults)
-    message = str(info.value.code)
-    assert message.startswith("error: invalid arguments:")
+    assert info.value.exit_status == 2
+    message = str(info.value)
+    assert message.startswith("invalid arguments:")
     return message
 
 
@@ -72,22 +78,54 @@ def test_no_tqdm_disables_progress_bars():
     assert parse("--no-tqdm").tqdm is False
 
 
-def test_qlora_implies_lora_after_validation():
+def test_qlora_implies_lora_in_the_resolved_strategy():
     args = parse("--use_qlora")
-    assert args.use_lora is False
-    assert validate_args(args).use_lora is True
-    assert args.use_qlora is True
+    assert args.use_lora is False  # the flags stay as given
+    assert resolve_run_config(args).strategy == TrainingStrategy(lora=True, quantize_4bit=True, freeze_vision=False)
+
+
+def test_flags_resolve_into_their_pieces(tmp_path):
+    config = validated("--use_lora", "--lora_rank", "8", "--wd", "0.1", "--output_dir", str(tmp_path),
+                       "--max_length", "512", "--no-tqdm", "--skip_eval_before", "--max_new_tokens", "7")
+    assert config.strategy.name == "LoRA" and config.lora.rank == 8 and config.lora.alpha_ratio == 2
+    assert config.training.weight_decay == pytest.approx(0.1) and config.training.max_length == 512
+    assert config.training.deepspeed_config is None  # adapters train under DDP
+    assert config.outputs.output_dir == str(tmp_path)
+    assert config.evaluation.max_new_tokens == 7 and config.evaluation.skip_before
+    assert not config.training.show_progress and not config.evaluation.show_progress
+    assert config.model.name_or_path == "microsoft/Phi-3.5-vision-instruct" and config.model.num_crops == 16
+    assert config.task_options is None
+
+
+def test_full_finetuning_defaults_to_the_zero2_config():
+    assert validated().training.deepspeed_config == str(DEFAULT_DEEPSPEED_CONFIG)
+
+
+def test_the_configuration_is_frozen():
+    config = validated()
+    with pytest.raises(FrozenInstanceError):
+        config.training.batch_size = 4  # type: ignore[misc]
+
+
+def test_task_options_are_typed():
+    @dataclass(frozen=True)
+    class Options:
+        full_train: bool
+
+    parser = build_parser("test")
+    parser.add_argument("--full_train", action="store_true")
+    assert resolve_run_config(parser.parse_args(["--full_train"]), Options).task_options == Options(full_train=True)
 
 
 def test_resume_without_path_means_latest():
-    args = validated("--resume_from_checkpoint")
-    assert args.resume_from_checkpoint == RESUME_LATEST
+    assert validated("--resume_from_checkpoint").outputs.resume_from_checkpoint == RESUME_LATEST
 
 
 def test_resume_with_existing_folder(tmp_path):
     checkpoint = tmp_path / "checkpoint-10"
     checkpoint.mkdir()
-    assert validated("--resume_from_checkpoint", str(checkpoint)).resume_from_checkpoint == str(checkpoint)
+    resume = validated("--resume_from_checkpoint", str(checkpoint)).outputs.resume_from_checkpoint
+    assert resume == str(checkpoint)
 
 
 def test_resume_with_missing_folder_is_rejected(tmp_path):
@@ -97,22 +135,22 @@ def test_resume_with_missing_folder_is_rejected(tmp_path):
 
 
 def test_resume_flag_before_another_flag_takes_no_value():
-    args = validated("--resume_from_checkpoint", "--use_lora")
-    assert args.resume_from_checkpoint == RESUME_LATEST
-    assert args.use_lora is True
+    config = validated("--resume_from_checkpoint", "--use_lora")
+    assert config.outputs.resume_from_checkpoint == RESUME_LATEST
+    assert config.strategy.lora is True
 
 
 def test_eval_batch_size_defaults_to_batch_size_per_gpu():
-    assert validated("--batch_size_per_gpu", "2").eval_batch_size == 2
-    assert validated("--batch_size_per_gpu", "2", "--eval_batch_size", "8").eval_batch_size == 8
+    assert validated("--batch_size_per_gpu", "2").evaluation.batch_size == 2
+    assert validated("--batch_size_per_gpu", "2", "--eval_batch_size", "8").evaluation.batch_size == 8
 
 
 # ---- validation ---------------------------------------------------------------------------------------
 
 
 def test_valid_defaults_pass_unchanged():
-    args = validated()
-    assert args.batch_size == 16 and args.use_lora is False
+    config = validated()
+    assert config.training.batch_size == 16 and config.strategy.lora is False
 
 
 def test_all_problems_are_listed_in_one_exit(tmp_path):
@@ -133,7 +171,7 @@ def test_num_crops_out_of_range(crops):
 
 @pytest.mark.parametrize("crops", [1, 16])
 def test_num_crops_bounds_are_valid(crops):
-    assert validated("--num_crops", str(crops)).num_crops == crops
+    assert validated("--num_crops", str(crops)).model.num_crops == crops
 
 
 @pytest.mark.parametrize("flag", ["batch_size", "batch_size_per_gpu", "num_train_epochs", "lora_rank", "logging_steps"])
@@ -141,18 +179,20 @@ def test_counts_must_be_positive(flag):
     assert f"--{flag} must be at least 1, got 0" in problems_of(f"--{flag}", "0")
 
 
-def test_batch_size_divisibility_uses_world_size(monkeypatch):
+def test_batch_size_divisibility_uses_the_launched_world_size(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert world_size() == 4
-    args = validated("--batch_size", "16", "--batch_size_per_gpu", "2")  # 16 / (4 x 2): accumulation 2
-    assert args.batch_size == 16
+    assert launched_world_size() == 4
+    config = validated("--batch_size", "16", "--batch_size_per_gpu", "2")  # 16 / (4 x 2): accumulation 2
+    assert config.training.batch_size == 16
     message = problems_of("--batch_size", "16", "--batch_size_per_gpu", "3")  # 16 / (4 x 3): not whole
     assert "--batch_size 16 must be divisible by processes (4) x --batch_size_per_gpu (3)" in message
+    with pytest.raises(UsageError, match=r"processes \(2\)"):
+        resolve_run_config(parse("--batch_size", "3"), world_size=2)
 
 
 def test_world_size_defaults_to_one():
-    assert world_size() == 1
-    assert validated("--batch_size", "3", "--batch_size_per_gpu", "3").batch_size == 3
+    assert launched_world_size() == 1
+    assert validated("--batch_size", "3", "--batch_size_per_gpu", "3").training.batch_size == 3
 
 
 @pytest.mark.parametrize(
@@ -173,8 +213,8 @@ def test_out_of_range_values(argv, expected):
 
 def test_merge_without_lora_is_rejected():
     assert "--merge only applies to LoRA/QLoRA runs" in problems_of("--merge")
-    assert validated("--merge", "--use_lora").merge is True
-    assert validated("--merge", "--use_qlora").merge is True  # QLoRA implies LoRA before the check
+    assert validated("--merge", "--use_lora").outputs.merge is True
+    assert validated("--merge", "--use_qlora").outputs.merge is True  # QLoRA implies LoRA for the check
 
 
 def test_deepspeed_with_lora_is_rejected(tmp_path):
@@ -182,7 +222,7 @@ def test_deepspeed_with_lora_is_rejected(tmp_path):
     config.write_text("{}")
     assert "--deepspeed is for full finetuning" in problems_of("--deepspeed", str(config), "--use_lora")
     assert "--deepspeed is for full finetuning" in problems_of("--deepspeed", str(config), "--use_qlora")
-    assert validated("--deepspeed", str(config)).deepspeed == str(config)
+    assert validated("--deepspeed", str(config)).training.deepspeed_config == str(config)
 
 
 def test_missing_deepspeed_config_is_rejected(tmp_path):
@@ -194,8 +234,8 @@ def test_dataset_path_and_data_dir_are_exclusive(tmp_path):
     message = problems_of("--dataset_path", str(tmp_path), "--data_dir", str(tmp_path))
     assert "either --dataset_path" in message
     assert "does not exist" not in message  # both exist: only the one problem
-    assert validated("--dataset_path", str(tmp_path)).dataset_path == str(tmp_path)
-    assert validated("--data_dir", str(tmp_path)).data_dir == str(tmp_path)
+    assert validated("--dataset_path", str(tmp_path)).data.dataset_path == str(tmp_path)
+    assert validated("--data_dir", str(tmp_path)).data.data_dir == str(tmp_path)
 
 
 def test_missing_dataset_path_is_rejected(tmp_path):
@@ -206,3 +246,31 @@ def test_missing_dataset_path_is_rejected(tmp_path):
 @pytest.mark.parametrize("flag", ["eval_batch_size", "max_new_tokens"])
 def test_generation_counts_must_be_positive(flag):
     assert f"--{flag}" in problems_of(f"--{flag}", "0")
+
+
+def test_output_dir_that_is_a_file_is_rejected(tmp_path):
+    file = tmp_path / "out.txt"
+    file.write_text("")
+    assert f"--output_dir {file} is a file, not a folder" in problems_of("--output_dir", str(file))
+
+
+@pytest.mark.parametrize("path", ["./tiny_modle", "/no/such/model", "models/../x", "not a hub id"])
+def test_mistyped_model_folder_is_rejected(path):
+    assert f"--model_name_or_path {path} is not a folder (check the path) nor a hub model id" in problems_of(
+        "--model_name_or_path", path
+    )
+
+
+def test_model_folder_without_config_is_rejected(tmp_path):
+    assert "is a folder without config.json" in problems_of("--model_name_or_path", str(tmp_path))
+
+
+@pytest.mark.parametrize("hub_id", ["microsoft/Phi-3.5-vision-instruct", "gpt2"])
+def test_hub_ids_pass(hub_id):
+    assert validated("--model_name_or_path", hub_id).model.name_or_path == hub_id
+
+
+def test_flash_attention_problems_are_listed_with_the_others(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    message = problems_of("--use_flash_attention", "--bf16", "--num_crops", "0")
+    assert "--use_flash_attention needs a CUDA GPU" in message and "--num_crops" in message

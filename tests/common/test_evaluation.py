@@ -1,6 +1,5 @@
 """common/evaluation.py: batched greedy generation in dataset order and the JSON report."""
 
-import argparse
 import json
 
 import pytest
@@ -9,11 +8,15 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 import common.evaluation as evaluation_module
+from common.config import EvaluationConfig
 from common.data import Sample, SampleDataset, Turn
+from common.distributed import ONE_PROCESS, Distributed
 from common.evaluation import evaluate, generate_predictions
 from common.metrics import ACCURACY, Metric, normalize_answer
 
 MAX_NEW_TOKENS = 6
+
+SECOND_OF_TWO = Distributed(rank=1, local_rank=1, world_size=2, local_world_size=2, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -82,31 +85,30 @@ def test_generation_leaves_an_eval_model_in_eval_mode(model, processor):
 def test_a_ranks_shard_keeps_dataset_ids(model, processor, monkeypatch):
     rows = samples()
     indexed = SampleDataset(rows, lambda sample, index: Sample(f"validation-{index}", sample.turns, sample.references))
-    monkeypatch.setattr(evaluation_module, "_rank_and_world", lambda: (1, 2))
-    monkeypatch.setattr(evaluation_module, "_gather", lambda records: records)
-    records = generate_predictions(model, processor, indexed, 2, 1, show_progress=False)
+    monkeypatch.setattr(evaluation_module, "_gather", lambda records, distributed: records)
+    records = generate_predictions(model, processor, indexed, 2, 1, show_progress=False, distributed=SECOND_OF_TWO)
     assert [r["index"] for r in records] == [1]
     assert [r["id"] for r in records] == ["validation-1"]
 
 
 def test_a_ranks_shard_is_every_world_th_sample(model, processor, monkeypatch):
-    monkeypatch.setattr(evaluation_module, "_rank_and_world", lambda: (1, 2))
-    monkeypatch.setattr(evaluation_module, "_gather", lambda records: records)
-    records = generate_predictions(model, processor, dataset(), 2, 1, show_progress=False)
+    monkeypatch.setattr(evaluation_module, "_gather", lambda records, distributed: records)
+    records = generate_predictions(model, processor, dataset(), 2, 1, show_progress=False, distributed=SECOND_OF_TWO)
     assert [(r["index"], r["id"]) for r in records] == [(1, "second")]
 
 
 # ---- evaluate: the report -----------------------------------------------------------------------------
 
 
-def eval_args(**overrides) -> argparse.Namespace:
-    values = dict(eval_batch_size=3, max_new_tokens=MAX_NEW_TOKENS, dataloader_num_workers=0, tqdm=False)
-    return argparse.Namespace(**{**values, **overrides})
+def eval_config(**overrides) -> EvaluationConfig:
+    values = dict(batch_size=3, max_new_tokens=MAX_NEW_TOKENS, skip_before=False, dataloader_num_workers=0,
+                  show_progress=False)
+    return EvaluationConfig(**{**values, **overrides})
 
 
 def test_evaluate_writes_the_report_atomically(model, processor, unbatched, tmp_path):
     path = tmp_path / "out" / "eval_before.json"  # the folder does not exist yet
-    score = evaluate(model, processor, dataset(), ACCURACY, path, eval_args())
+    score = evaluate(model, processor, dataset(), ACCURACY, path, eval_config(), ONE_PROCESS)
     report = json.loads(path.read_text())
     references = [["no", "No."], ["red"], ["True"]]
     assert report["metric"] == "accuracy"
@@ -127,7 +129,7 @@ def test_evaluate_scores_and_normalises(monkeypatch, tmp_path):
     ]
     seen = {}
 
-    def fake_generate(model, processor, data, batch_size, max_new_tokens, num_workers, show_progress):
+    def fake_generate(model, processor, data, batch_size, max_new_tokens, num_workers, show_progress, distributed):
         seen.update(batch_size=batch_size, max_new_tokens=max_new_tokens, workers=num_workers, progress=show_progress)
         return records
 
@@ -135,7 +137,9 @@ def test_evaluate_scores_and_normalises(monkeypatch, tmp_path):
     path = tmp_path / "eval_after.json"
     path.write_text("old report")
     metric = Metric("anls_like", lambda predictions, references: 0.25)
-    score = evaluate(None, None, None, metric, path, eval_args(eval_batch_size=4, max_new_tokens=9, tqdm=True))
+    score = evaluate(
+        None, None, None, metric, path, eval_config(batch_size=4, max_new_tokens=9, show_progress=True), ONE_PROCESS
+    )
     assert score == 0.25
     assert seen == dict(batch_size=4, max_new_tokens=9, workers=0, progress=True)
     report = json.loads(path.read_text())  # replaced
@@ -150,7 +154,6 @@ def test_evaluate_scores_and_normalises(monkeypatch, tmp_path):
 def test_evaluate_writes_nothing_on_other_ranks(monkeypatch, tmp_path):
     monkeypatch.setattr(evaluation_module, "generate_predictions", lambda *a: [
         {"index": 0, "id": "a", "prediction": "yes", "references": ["yes"]}])
-    monkeypatch.setattr(evaluation_module, "_rank_and_world", lambda: (1, 2))
     path = tmp_path / "eval.json"
-    assert evaluate(None, None, None, ACCURACY, path, eval_args()) == 1.0  # every rank gets the score
+    assert evaluate(None, None, None, ACCURACY, path, eval_config(), SECOND_OF_TWO) == 1.0  # every rank gets it
     assert not path.exists()

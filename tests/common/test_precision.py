@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common.precision as precision_module
+from common.errors import UsageError
 from common.precision import Precision, resolve_precision
 
 
@@ -48,26 +49,26 @@ def test_cuda_availability_is_detected_when_not_given(monkeypatch):
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_flash_attention_without_cuda_names_the_gpu_need(bf16):
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(UsageError) as info:
         resolve_precision(bf16=bf16, use_flash_attention=True, cuda_available=False)
-    message = str(info.value.code)
+    message = str(info.value)
     assert "--use_flash_attention" in message and "CUDA GPU" in message
 
 
 def test_flash_attention_without_the_package_says_what_to_install(monkeypatch):
     monkeypatch.setattr(precision_module, "is_flash_attn_2_available", lambda: False)
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(UsageError) as info:
         resolve_precision(bf16=True, use_flash_attention=True, cuda_available=True)
-    message = str(info.value.code)
+    message = str(info.value)
     assert "flash-attn" in message
     assert "pip install" in message and "flash-attn --no-build-isolation" in message
 
 
 def test_flash_attention_without_bf16_explains_why(monkeypatch):
     monkeypatch.setattr(precision_module, "is_flash_attn_2_available", lambda: True)
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(UsageError) as info:
         resolve_precision(bf16=False, use_flash_attention=True, cuda_available=True)
-    message = str(info.value.code)
+    message = str(info.value)
     assert "requires --bf16" in message
     assert "fp16 mixed precision" in message and "fp32" in message  # the reason, not just the rule
 

@@ -1,6 +1,5 @@
 """common/strategy.py: strategy resolution, the LoRA / 4-bit configs, and build_model on the tiny model."""
 
-import argparse
 import warnings
 
 import pytest
@@ -9,10 +8,12 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from common.collators import Phi3VTrainCollator
+from common.config import LoraSettings
 from common.data import Sample, Turn
 from common.precision import resolve_precision
 from common.strategy import (
     LANGUAGE_LORA_TARGETS,
+    STRATEGIES,
     VISION_LORA_TARGETS,
     TrainingStrategy,
     build_model,
@@ -26,8 +27,8 @@ RECIPE_VISION_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2",
 VISION = "model.vision_embed_tokens."
 
 
-def flags(use_lora=False, use_qlora=False, freeze_vision_model=False, **extra) -> argparse.Namespace:
-    return argparse.Namespace(use_lora=use_lora, use_qlora=use_qlora, freeze_vision_model=freeze_vision_model, **extra)
+def flags(use_lora=False, use_qlora=False, freeze_vision_model=False) -> dict[str, bool]:
+    return dict(use_lora=use_lora, use_qlora=use_qlora, freeze_vision_model=freeze_vision_model)
 
 
 # ---- TrainingStrategy ---------------------------------------------------------------------------------
@@ -40,15 +41,26 @@ def flags(use_lora=False, use_qlora=False, freeze_vision_model=False, **extra) -
         (flags(freeze_vision_model=True), TrainingStrategy(False, False, True), "full finetuning (frozen vision)"),
         (flags(use_lora=True), TrainingStrategy(True, False, False), "LoRA"),
         (flags(use_lora=True, freeze_vision_model=True), TrainingStrategy(True, False, True), "LoRA (frozen vision)"),
-        (flags(use_qlora=True), TrainingStrategy(True, True, False), "QLoRA"),  # without validate_args' use_lora
+        (flags(use_qlora=True), TrainingStrategy(True, True, False), "QLoRA"),  # QLoRA implies LoRA
         (flags(use_lora=True, use_qlora=True), TrainingStrategy(True, True, False), "QLoRA"),
         (flags(use_qlora=True, freeze_vision_model=True), TrainingStrategy(True, True, True), "QLoRA (frozen vision)"),
     ],
 )
-def test_from_args_and_name(args, expected, name):
-    strategy = TrainingStrategy.from_args(args)
+def test_from_flags_and_name(args, expected, name):
+    strategy = TrainingStrategy.from_flags(**args)
     assert strategy == expected
     assert strategy.name == name
+    assert TrainingStrategy.from_flags(**strategy.flags) == strategy  # the flags select it back
+
+
+def test_every_flag_combination_is_a_named_strategy():
+    combinations = {
+        TrainingStrategy.from_flags(lora, qlora, frozen) for lora in (0, 1) for qlora in (0, 1) for frozen in (0, 1)
+    }
+    assert combinations == set(STRATEGIES.values())
+    assert STRATEGIES["qlora"].command_line == ["--use_qlora"]
+    assert STRATEGIES["lora_frozen"].command_line == ["--use_lora", "--freeze_vision_model"]
+    assert STRATEGIES["full"].command_line == []
 
 
 @pytest.mark.parametrize(
@@ -126,11 +138,8 @@ def processor(tiny_model_dir):
 
 
 def build(tiny_model_dir, precision, **strategy_flags):
-    args = flags(**strategy_flags, model_name_or_path=str(tiny_model_dir), lora_rank=4, lora_alpha_ratio=2,
-                 lora_dropout=0.0)
-    if args.use_qlora:
-        args.use_lora = True
-    return build_model(args, TrainingStrategy.from_args(args), precision)
+    strategy = TrainingStrategy.from_flags(**flags(**strategy_flags))
+    return build_model(str(tiny_model_dir), strategy, LoraSettings(rank=4, alpha_ratio=2, dropout=0.0), precision)
 
 
 def trainable(model) -> set[str]:

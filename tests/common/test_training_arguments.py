@@ -3,18 +3,23 @@
 Only LoRA arguments are built here: full finetuning's DeepSpeed path starts a process group, which the
 end-to-end tests exercise in their own processes (tests/scripts)."""
 
-import pytest
+import os
 
-from common.arguments import build_parser, validate_args
-from common.precision import resolve_precision
-from common.strategy import TrainingStrategy
+import pytest
+import torch
+
+from common.arguments import build_parser, resolve_run_config
+from common.distributed import Distributed
 from common.training_arguments import _prefetch_factor, training_arguments
 
 
-def lora_arguments(tmp_path, *flags: str, has_text_only_samples: bool = False):
-    args = validate_args(build_parser("test").parse_args(["--output_dir", str(tmp_path), "--use_lora", *flags]))
-    precision = resolve_precision(args.bf16, args.use_flash_attention, cuda_available=False)
-    return training_arguments(args, TrainingStrategy.from_args(args), precision, has_text_only_samples)
+def lora_arguments(tmp_path, *flags: str, has_text_only_samples: bool = False, world: int = 1):
+    args = build_parser("test").parse_args(["--output_dir", str(tmp_path), "--use_lora", *flags])
+    config = resolve_run_config(args, world_size=world)
+    distributed = Distributed(rank=0, local_rank=0, world_size=world, local_world_size=world, device=torch.device("cpu"))
+    return training_arguments(
+        config.training, config.outputs, config.strategy, config.precision, distributed, has_text_only_samples
+    )
 
 
 def test_the_recipes_hyperparameters(tmp_path):
@@ -28,9 +33,8 @@ def test_the_recipes_hyperparameters(tmp_path):
 
 
 @pytest.mark.parametrize("world, per_gpu, accumulation", [(1, 1, 16), (4, 1, 4), (4, 2, 2), (2, 8, 1)])
-def test_accumulation_makes_up_the_global_batch(tmp_path, monkeypatch, world, per_gpu, accumulation):
-    monkeypatch.setenv("WORLD_SIZE", str(world))
-    train_args = lora_arguments(tmp_path, "--batch_size", "16", "--batch_size_per_gpu", str(per_gpu))
+def test_accumulation_makes_up_the_global_batch(tmp_path, world, per_gpu, accumulation):
+    train_args = lora_arguments(tmp_path, "--batch_size", "16", "--batch_size_per_gpu", str(per_gpu), world=world)
     assert train_args.gradient_accumulation_steps == accumulation
     assert train_args.per_device_train_batch_size == per_gpu
 
@@ -49,3 +53,9 @@ def test_ddp_looks_for_unused_parameters_only_when_batches_may_lack_images(tmp_p
 @pytest.mark.parametrize("accumulation, workers, factor", [(16, 4, 4), (1, 4, 2), (64, 4, 8), (3, 0, None)])
 def test_workers_prefetch_an_optimizer_step(accumulation, workers, factor):
     assert _prefetch_factor(accumulation, workers) == factor
+
+
+def test_building_them_leaves_the_environment_alone(tmp_path):
+    before = dict(os.environ)
+    lora_arguments(tmp_path)
+    assert dict(os.environ) == before

@@ -1,5 +1,5 @@
-"""Bad input ends with one clear message naming the problem, a non-zero exit status, no traceback, and
-nothing half-written in --output_dir (absent or empty afterwards)."""
+"""Bad input ends with one clear message naming the problem, exit status 2 for bad flags and 1 for bad data,
+no traceback, and nothing half-written in --output_dir (absent or empty afterwards)."""
 
 import json
 import subprocess
@@ -60,12 +60,29 @@ def corrupt_evaluation_image(root):
     return ["--dataloader_num_workers", "1"], ["sample val-1", "cannot read image", "val-1.png"]
 
 
+def mistyped_model_folder(root):
+    typo = root.parent / "tiny_modle"
+    return ["--model_name_or_path", typo], [f"--model_name_or_path {typo} is not a folder (check the path)"]
+
+
+def model_id_not_reachable(root):
+    # looks like a hub id, so only loading finds out (offline here)
+    return ["--model_name_or_path", "nobody/no-such-model"], ["cannot load --model_name_or_path nobody/no-such-model",
+                                                              "give the folder of a downloaded checkpoint"]
+
+
+def output_dir_is_a_file(root):
+    (root / "out.txt").write_text("")
+    return ["--output_dir", root / "out.txt"], [f"--output_dir {root / 'out.txt'} is a file, not a folder"]
+
+
 CASES = [tag_in_text, missing_image, empty_dataset, batch_not_divisible, too_many_crops, corrupt_training_image,
-         corrupt_evaluation_image]
+         corrupt_evaluation_image, mistyped_model_folder, model_id_not_reachable, output_dir_is_a_file]
+USAGE_ERRORS = {batch_not_divisible, too_many_crops, mistyped_model_folder, output_dir_is_a_file}  # exit status 2
 
 
-def assert_clean_failure(returncode: int, stderr: str, expected: list[str], output_dir) -> None:
-    assert returncode != 0
+def assert_clean_failure(returncode: int, stderr: str, expected: list[str], output_dir, status: int = 1) -> None:
+    assert returncode == status, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     message = "\n".join(stderr.strip().splitlines()[-3:])
     assert message.count("error:") == 1, message
@@ -79,9 +96,17 @@ def test_bad_input_fails_cleanly(case, launcher, tiny_model_dir, tmp_path):
     data_dir = colour_task(tmp_path / "data", num_train=4, num_val=2)
     extra, expected = case(data_dir)
     output_dir = tmp_path / "out"
-    args = fast_args(tiny_model_dir, output_dir, "--data_dir", data_dir, *extra)
+    args = fast_args(tiny_model_dir, output_dir, "--data_dir", data_dir, *extra)  # later flags win
     result = launcher.run(SCRIPTS["ucf101"], args, cwd=tmp_path)
-    assert_clean_failure(result.returncode, result.stderr, expected, output_dir)
+    assert_clean_failure(result.returncode, result.stderr, expected, output_dir, 2 if case in USAGE_ERRORS else 1)
+
+
+def test_no_hub_access_without_a_local_dataset(launcher, tiny_model_dir, tmp_path):
+    """Without --dataset_path a task downloads its dataset; offline that is one line naming the fix."""
+    output_dir = tmp_path / "out"
+    result = launcher.run(SCRIPTS["nlvr2"], fast_args(tiny_model_dir, output_dir), cwd=tmp_path)
+    assert_clean_failure(result.returncode, result.stderr, ["NLVR2: cannot download the dataset", "--dataset_path"],
+                         output_dir)
 
 
 def test_bad_input_fails_cleanly_from_the_command_line(tiny_model_dir, tmp_path):

@@ -3,6 +3,7 @@ accepted answers) saved with save_to_disk, scored with ANLS against every accept
 
 import pytest
 
+from common.config import DataConfig
 from tests.scripts.e2e import SCRIPTS, STRATEGIES, assert_finished_run, fast_args, read_eval, write_docvqa
 
 NUM_TRAIN, NUM_VALIDATION = 4, 3
@@ -36,7 +37,6 @@ def test_trains_saves_reloads_and_evaluates(runs, strategy, tiny_model_dir):
 def test_mini_train_split_and_seeded_answers(tmp_path, monkeypatch):
     """Without --full_train the first 1% of train (at least one row); each question's training answer is one
     of its accepted answers, the same for the same seed; the datasets pickle (spawn-started workers)."""
-    import argparse
     import pickle
     import sys
 
@@ -47,7 +47,8 @@ def test_mini_train_split_and_seeded_answers(tmp_path, monkeypatch):
     data = write_docvqa(tmp_path / "data", num_train=150, num_validation=2)
 
     def load(full_train: bool, seed: int = 42):
-        return script.load_docvqa(argparse.Namespace(dataset_path=str(data), full_train=full_train, seed=seed))
+        data_config = DataConfig(dataset_path=str(data), data_dir=None, eval_size=500, max_eval_samples=None, seed=seed)
+        return script.load_docvqa(data_config, script.DocVQAOptions(full_train=full_train))
 
     train, evaluation = load(full_train=False)
     assert (len(train), len(evaluation)) == (2, 2)  # round(150 x 1%) rows; validation untouched

@@ -1,0 +1,86 @@
+"""A run's configuration: frozen pieces, each handed only to the code that uses it.
+
+`common.arguments.resolve_run_config` builds them from the command line, validated, with every implied
+value resolved (QLoRA implies LoRA, the evaluation batch defaults to the training micro-batch, the
+DeepSpeed config to ds_configs/zero2.json for full finetuning). Nothing changes them afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .precision import Precision
+from .strategy import TrainingStrategy
+
+RESUME_LATEST = "latest"  # --resume_from_checkpoint without a path: the newest checkpoint in output_dir
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str  # hub id or local folder of an official-format checkpoint
+    num_crops: int  # processor: maximum 336x336 crops per image
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int
+    alpha_ratio: float  # lora_alpha = round(rank * alpha_ratio)
+    dropout: float
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset_path: str | None  # the task's hub schema from disk
+    data_dir: str | None  # the generic jsonl format
+    eval_size: int  # train rows held out where a dataset has no evaluation split
+    max_eval_samples: int | None
+    seed: int  # data choices (DocVQA's answer pick), the same --seed as training
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    batch_size: int  # global: processes x batch_size_per_gpu x gradient accumulation
+    batch_size_per_gpu: int
+    num_train_epochs: int
+    max_steps: int  # -1: train for num_train_epochs
+    learning_rate: float
+    weight_decay: float
+    warmup_steps: int
+    max_length: int | None  # longest sample accepted, in tokens
+    seed: int
+    logging_steps: int
+    deepspeed_config: str | None  # None: plain DDP (LoRA / QLoRA)
+    report_to: str
+    dataloader_num_workers: int
+    show_progress: bool
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    batch_size: int  # generation batch per process
+    max_new_tokens: int
+    skip_before: bool  # no evaluation before training
+    dataloader_num_workers: int
+    show_progress: bool
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    output_dir: str
+    save_steps: int  # 0: no intermediate checkpoints
+    save_total_limit: int | None
+    resume_from_checkpoint: str | None  # a checkpoint folder, RESUME_LATEST, or None (automatic resume)
+    merge: bool  # also write output_dir/merged after LoRA training
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    precision: Precision
+    strategy: TrainingStrategy
+    lora: LoraSettings
+    data: DataConfig
+    training: TrainingConfig
+    evaluation: EvaluationConfig
+    outputs: OutputConfig
+    task_options: object | None = None  # the task's own flags, as the frozen dataclass its Task declares
