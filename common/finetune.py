@@ -10,17 +10,17 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoProcessor, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import AutoProcessor, TrainingArguments
 
+from .checkpoints import ResumableTrainer, check_complete, newest_complete_checkpoint
 from .collators import Phi3VTrainCollator
 from .config import (
     RESUME_LATEST,
@@ -39,6 +39,7 @@ from .logging_setup import setup_logging
 from .metrics import Metric
 from .plotting import plot_training_curves
 from .precision import Precision
+from .preemption import Interrupted, PreemptionCallback, StopSignals, report_and_exit, resume_command
 from .strategy import TrainingStrategy, build_model, load_model
 from .training_arguments import training_arguments
 
@@ -105,14 +106,16 @@ def load_processor_and_model(
     return processor, model
 
 
-def make_trainer(model, processor, train_args: TrainingArguments, dataset, max_length: int | None, callbacks=()):
-    return Trainer(
+def make_trainer(model, processor, train_args: TrainingArguments, dataset, max_length: int | None,
+                 keep_checkpoints: int | None = None, callbacks=()) -> ResumableTrainer:
+    return ResumableTrainer(
         model=model,
         args=train_args,
         data_collator=Phi3VTrainCollator(processor, max_length),
         train_dataset=dataset,
         processing_class=processor,  # saved with the model and in every checkpoint
         callbacks=list(callbacks),
+        keep_checkpoints=keep_checkpoints,
     )
 
 
@@ -131,24 +134,43 @@ def run_identity(task: Task, config: RunConfig) -> dict:
     }
 
 
-def resolve_checkpoint(outputs: OutputConfig, identity: dict) -> str | None:
-    """An explicit path; else the newest checkpoint-* in output_dir if this same run made it (automatic
-    resume); else None. A checkpoint of another run (another task, model, strategy or data) is refused."""
+def resolve_checkpoint(outputs: OutputConfig, identity: dict, distributed: Distributed) -> Path | None:
+    """An explicit path, if it is a complete checkpoint; else the newest complete checkpoint-* in output_dir
+    if this same run made it (automatic resume), passing over (and naming) incomplete ones; else None. A
+    checkpoint of another run (another task, model, strategy or data) is refused."""
     if outputs.resume_from_checkpoint not in (None, RESUME_LATEST):
-        return outputs.resume_from_checkpoint
-    newest = get_last_checkpoint(outputs.output_dir) if os.path.isdir(outputs.output_dir) else None
+        return check_complete(Path(outputs.resume_from_checkpoint))
+    output_dir = Path(outputs.output_dir)
+    newest, skipped = newest_complete_checkpoint(output_dir)
+    if distributed.is_main:
+        for folder, reason in skipped:
+            logger.warning("skipping %s: incomplete checkpoint (%s)", folder, reason)
     if newest is None:
         if outputs.resume_from_checkpoint == RESUME_LATEST:
-            raise UserError(f"--resume_from_checkpoint: no checkpoint-* folder in {outputs.output_dir}")
+            raise UserError(f"--resume_from_checkpoint: no complete checkpoint-* folder in {output_dir}")
         return None
-    run_file = Path(outputs.output_dir) / RUN_FILE
-    recorded = json.loads(run_file.read_text()) if run_file.exists() else None
+    recorded = _recorded_identity(output_dir)
     if recorded != identity:
         raise UserError(
-            f"{outputs.output_dir} holds {Path(newest).name} of another run ({recorded or 'unknown'}), not of "
-            f"this one ({identity}); choose another --output_dir, or continue it with --resume_from_checkpoint {newest}"
+            f"{output_dir} holds {newest.name} of another run ({recorded or 'unknown'}), not of this one "
+            f"({identity}); choose another --output_dir, or continue it with --resume_from_checkpoint {newest}"
         )
     return newest
+
+
+def _recorded_identity(output_dir: Path) -> dict | None:
+    run_file = output_dir / RUN_FILE
+    return json.loads(run_file.read_text()) if run_file.exists() else None
+
+
+def _completed_evaluation(path: Path, identity: dict, metric: Metric, num_samples: int) -> float | None:
+    """The score in `path` if this same run already wrote it (for the same number of samples), else None."""
+    if not path.is_file() or _recorded_identity(path.parent) != identity:
+        return None
+    report = json.loads(path.read_text())
+    if report.get("metric") != metric.name or report.get("num_samples") != num_samples:
+        return None
+    return report[metric.name]
 
 
 def _evaluate_and_report(
@@ -174,7 +196,7 @@ def _discard_unresumable_outputs(
 ) -> None:
     """After a data error (a bad sample only the data loader finds), leave a state to resume from (a
     checkpoint) or nothing of this run's: not a lone eval_before.json."""
-    if not distributed.is_main or not output_dir.is_dir() or get_last_checkpoint(str(output_dir)):
+    if not distributed.is_main or not output_dir.is_dir() or newest_complete_checkpoint(output_dir)[0]:
         return
     if created_output_dir:
         shutil.rmtree(output_dir, ignore_errors=True)
@@ -189,17 +211,41 @@ def _record_run(output_dir: Path, identity: dict, distributed: Distributed) -> N
 
 
 def run_finetuning(task: Task, config: RunConfig) -> dict[str, float]:
-    """Returns {"before": metric, "after": metric} (before is absent when skipped)."""
+    """Returns {"before": metric, "after": metric} (before is absent when skipped). SIGTERM/SIGINT stop the
+    run cleanly (common/preemption.py): the process exits with 128 + the signal number."""
+    with StopSignals() as signals:
+        try:
+            return _finetune(task, config, signals)
+        except Interrupted:
+            _report_interruption(config.outputs, signals)
+        except torch.distributed.DistError:
+            if signals.signum is None:
+                raise
+            _report_interruption(config.outputs, signals)  # a rank whose peers went away on the signal
+
+
+def _report_interruption(outputs: OutputConfig, signals: StopSignals) -> None:
+    newest, _ = newest_complete_checkpoint(Path(outputs.output_dir))
+    saved = f"the newest complete checkpoint is {newest}" if newest else "no checkpoint to resume from"
+    report_and_exit(
+        f"interrupted by {signals.name} during {signals.activity}; {saved}; to continue: "
+        f"{resume_command(sys.argv, newest, signals.distributed)}",
+        signals.signum, signals.is_main, synchronize=False,
+    )
+
+
+def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, float]:
     strategy, precision, outputs, evaluation = config.strategy, config.precision, config.outputs, config.evaluation
     train_dataset, eval_dataset = load_datasets(task, config.data, config.task_options)
     distributed = start_distributed(strategy.uses_deepspeed)
+    signals.distributed = distributed
     train_args = training_arguments(
         config.training, outputs, strategy, precision, distributed, train_dataset.has_text_only_samples()
     )
     setup_logging(distributed)
     logger.info("%s with %s on %d process(es), %s", task.name, strategy.name, distributed.world_size, precision)
     identity = run_identity(task, config)
-    checkpoint = resolve_checkpoint(outputs, identity)
+    checkpoint = resolve_checkpoint(outputs, identity, distributed)
     processor, model = load_processor_and_model(config.model, strategy, config.lora, precision, distributed.device)
 
     output_dir = Path(outputs.output_dir)
@@ -207,20 +253,30 @@ def run_finetuning(task: Task, config: RunConfig) -> dict[str, float]:
     results, written = {}, []
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
+    preemption = PreemptionCallback(signals)
     try:
-        if not evaluation.skip_before and not (checkpoint and (output_dir / "eval_before.json").exists()):
-            written.append("eval_before.json")
-            results["before"] = _evaluate_and_report(
-                model, processor, task, eval_dataset, output_dir / "eval_before.json", "before", evaluation,
-                distributed,
+        if not evaluation.skip_before:
+            signals.activity = "the evaluation before training"
+            results["before"] = _evaluation_before(
+                model, processor, task, eval_dataset, identity, output_dir, evaluation, distributed, written
             )
         written.append(RUN_FILE)
         _record_run(output_dir, identity, distributed)
-        trainer = make_trainer(model, processor, train_args, train_dataset, config.training.max_length)
-        trainer.train(resume_from_checkpoint=checkpoint)
+        signals.activity = "the set-up of training"
+        trainer = make_trainer(model, processor, train_args, train_dataset, config.training.max_length,
+                               keep_checkpoints=outputs.save_total_limit, callbacks=[preemption])
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except UserError:
         _discard_unresumable_outputs(output_dir, created_output_dir, written, distributed)
         raise
+    if preemption.stopped_at is not None:
+        stopped_at = output_dir / f"checkpoint-{preemption.stopped_at}"
+        report_and_exit(
+            f"stopped by {signals.name} at step {preemption.stopped_at} of {trainer.state.max_steps}: {stopped_at} "
+            f"is complete; resume with: {resume_command(sys.argv, stopped_at, distributed)}",
+            signals.signum, distributed.is_main, synchronize=True,
+        )
+    signals.activity = "the final save"
     model.config.use_cache = True  # switched off for training only; saved checkpoints generate with a cache
     trainer.save_model()
     if distributed.is_main:
@@ -238,9 +294,27 @@ def run_finetuning(task: Task, config: RunConfig) -> dict[str, float]:
         ).to(distributed.device)
     else:
         model = trainer.accelerator.unwrap_model(trainer.model)
+    signals.activity = "the evaluation after training"
     results["after"] = _evaluate_and_report(
         model, processor, task, eval_dataset, output_dir / "eval_after.json", "after", evaluation, distributed
     )
     if outputs.merge and distributed.is_main:
         _write_merged(model, processor, output_dir)
     return results
+
+
+def _evaluation_before(
+    model, processor, task: Task, eval_dataset, identity: dict, output_dir: Path, evaluation: EvaluationConfig,
+    distributed: Distributed, written: list[str],
+) -> float:
+    """The score before training: evaluated, or read back when this same run already evaluated it (a rerun
+    after an interruption, with or without a checkpoint)."""
+    path = output_dir / "eval_before.json"
+    score = _completed_evaluation(path, identity, task.metric, len(eval_dataset))
+    if score is None:
+        written.append(path.name)
+        return _evaluate_and_report(model, processor, task, eval_dataset, path, "before", evaluation, distributed)
+    logger.info("%s before finetuning: %.4f, from %s (already evaluated by this run)", task.metric.name, score, path)
+    if distributed.is_main:
+        print(f"{task.metric.name.upper()} before finetuning: {score:.4f}", flush=True)
+    return score

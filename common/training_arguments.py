@@ -63,8 +63,7 @@ def training_arguments(
         warmup_steps=training.warmup_steps,
         logging_steps=training.logging_steps,
         logging_first_step=True,  # so every run's training-curve picture has a point
-        **saving,
-        save_total_limit=outputs.save_total_limit,
+        **saving,  # --save_total_limit is kept by ResumableTrainer, once the newest checkpoint is complete
         bf16=precision.bf16,
         fp16=precision.fp16,
         remove_unused_columns=False,

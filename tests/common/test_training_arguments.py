@@ -42,7 +42,9 @@ def test_accumulation_makes_up_the_global_batch(tmp_path, world, per_gpu, accumu
 def test_checkpoints_only_when_asked(tmp_path):
     assert lora_arguments(tmp_path).save_strategy == "no"
     saving = lora_arguments(tmp_path, "--save_steps", "7", "--save_total_limit", "2")
-    assert (saving.save_strategy, saving.save_steps, saving.save_total_limit) == ("steps", 7, 2)
+    assert (saving.save_strategy, saving.save_steps) == ("steps", 7)
+    # the Trainer would delete old checkpoints before the new one is complete: ResumableTrainer keeps them
+    assert saving.save_total_limit is None
 
 
 def test_ddp_looks_for_unused_parameters_only_when_batches_may_lack_images(tmp_path):

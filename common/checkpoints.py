@@ -1,0 +1,193 @@
+"""Checkpoints that count only when complete, and which one a run resumes from.
+
+A checkpoint folder (`checkpoint-N/`: the model, the optimizer — DeepSpeed's `global_stepN/` shards, one per
+rank, under ZeRO-2 —, scheduler, RNG states of every rank and the Trainer state) is complete when it holds
+`checkpoint_complete.json`, written last, once every rank has written its part. The file lists every other
+file with its size, so a folder truncated later (a copy cut short, a deletion killed half-way) no longer
+counts either. A kill at any moment therefore leaves either a complete checkpoint or a folder that is visibly
+incomplete: automatic resume skips such folders (and says so); an explicit path to one is refused.
+
+`ResumableTrainer` is the Trainer that writes checkpoints this way, keeps `--save_total_limit` of them only
+once the newest is complete, and trains nothing more when it resumes from a checkpoint taken at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_FILE = "checkpoint_complete.json"
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+class IncompleteCheckpointError(UserError):
+    """An explicit --resume_from_checkpoint names a folder that is not a complete checkpoint."""
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """N for a folder named checkpoint-N, else None."""
+    match = _CHECKPOINT_NAME.match(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def mark_complete(folder: Path) -> None:
+    """Declare `folder` complete: flush every file in it to disk, then write the manifest of their sizes under
+    a temporary name and rename it into place (a rename is atomic: the manifest is whole or absent)."""
+    folder = Path(folder)
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != COMPLETE_FILE and not path.name.endswith(".tmp"):
+            _fsync(path)
+            files[path.relative_to(folder).as_posix()] = path.stat().st_size
+    temporary = folder / f"{COMPLETE_FILE}.{os.getpid()}.tmp"  # per process: never two writers of one file
+    with open(temporary, "w") as file:
+        json.dump({"step": checkpoint_step(folder), "files": files}, file, indent=1)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, folder / COMPLETE_FILE)
+    _fsync(folder)
+
+
+def why_incomplete(folder: Path) -> str | None:
+    """None when `folder` is a complete checkpoint, else what is missing."""
+    folder = Path(folder)
+    manifest_path = folder / COMPLETE_FILE
+    if not manifest_path.is_file():
+        return f"no {COMPLETE_FILE}: it was not finished being written"
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{COMPLETE_FILE} is unreadable"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes instead of {size}"
+    return None
+
+
+def checkpoint_folders(output_dir: Path) -> list[Path]:
+    """The checkpoint-N folders in `output_dir`, oldest (lowest N) first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    folders = [path for path in output_dir.iterdir() if path.is_dir() and checkpoint_step(path) is not None]
+    return sorted(folders, key=checkpoint_step)
+
+
+def newest_complete_checkpoint(output_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint in `output_dir` (None if there is none), and the newer incomplete
+    folders passed over on the way, each with the reason."""
+    skipped = []
+    for folder in reversed(checkpoint_folders(output_dir)):
+        reason = why_incomplete(folder)
+        if reason is None:
+            return folder, skipped
+        skipped.append((folder, reason))
+    return None, skipped
+
+
+def check_complete(folder: Path) -> Path:
+    """`folder` if it is a complete checkpoint; else an IncompleteCheckpointError that says why and names the
+    newest complete checkpoint beside it, if any."""
+    folder = Path(folder)
+    reason = why_incomplete(folder)
+    if reason is None:
+        return folder
+    if checkpoint_folders(folder):
+        hint = f"; it holds checkpoint folders: give one of them, e.g. {checkpoint_folders(folder)[-1]}"
+    else:
+        newest, _ = newest_complete_checkpoint(folder.parent)
+        hint = f"; the newest complete checkpoint beside it is {newest}" if newest else ""
+    raise IncompleteCheckpointError(
+        f"--resume_from_checkpoint {folder} is not a complete checkpoint ({reason}){hint}"
+    )
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint folder so that a kill part-way never leaves it looking complete: the manifest goes
+    first."""
+    (Path(folder) / COMPLETE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def rotate_checkpoints(output_dir: Path, keep: int | None, newest: Path) -> None:
+    """Keep `keep` complete checkpoints (always `newest`, the one just written): delete the oldest others,
+    and the incomplete leftovers (of killed saves or deletions) older than `newest`."""
+    if not keep or keep < 1:
+        return
+    newest_step = checkpoint_step(newest)
+    complete = []
+    for folder in checkpoint_folders(output_dir):
+        if folder == Path(newest):
+            continue
+        if why_incomplete(folder) is None:
+            complete.append(folder)
+        elif checkpoint_step(folder) < newest_step:
+            logger.info("deleting %s: an incomplete leftover", folder)
+            remove_checkpoint(folder)
+    for folder in complete[: max(0, len(complete) - (keep - 1))]:
+        logger.info("deleting %s: --save_total_limit %d", folder, keep)
+        remove_checkpoint(folder)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class ResumableTrainer(Trainer):
+    """The Trainer, with complete-or-visibly-incomplete checkpoints and an exact resume from the last one.
+
+    `keep_checkpoints` replaces TrainingArguments.save_total_limit (which must stay unset): the Trainer
+    deletes old checkpoints before the new one is finished, so a kill then could leave no complete one.
+    """
+
+    def __init__(self, *args, keep_checkpoints: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.save_total_limit:
+            raise RuntimeError("give keep_checkpoints, not TrainingArguments.save_total_limit")
+        self.keep_checkpoints = keep_checkpoints
+
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            if folder.exists():  # a leftover of a killed save, or an older run's: never complete while rewritten
+                remove_checkpoint(folder)
+            logger.info("writing %s", folder)
+        _barrier()  # nobody writes into the folder while it is being removed
+        super()._save_checkpoint(model, trial)
+        _barrier()  # every rank has written its part (optimizer shards, RNG state)
+        if self.args.should_save:
+            mark_complete(folder)
+            rotate_checkpoints(folder.parent, self.keep_checkpoints, folder)
+            logger.info("checkpoint %s is complete", folder)
+
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from a checkpoint taken at max_steps in the middle of an epoch, the Trainer would otherwise
+        # run the rest of that epoch's loop and take one more optimizer step before it checks max_steps.
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
