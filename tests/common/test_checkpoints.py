@@ -1,0 +1,153 @@
+"""Checkpoints count only when complete: the manifest written last, what makes a folder incomplete, which
+checkpoint a run resumes from, rotation that never leaves no complete checkpoint, and the ResumableTrainer
+that writes them (a save that dies half-way, a resume from the checkpoint at max_steps)."""
+
+import json
+
+import pytest
+import torch
+
+from common import checkpoints
+from common.checkpoints import (
+    COMPLETE_FILE,
+    IncompleteCheckpointError,
+    ResumableTrainer,
+    check_complete,
+    mark_complete,
+    newest_complete_checkpoint,
+    remove_checkpoint,
+    rotate_checkpoints,
+    why_incomplete,
+)
+from tests.common.regression_trainer import regression_trainer, weights
+
+
+def write_checkpoint(output_dir, step: int, complete: bool = True):
+    folder = output_dir / f"checkpoint-{step}"
+    (folder / f"global_step{step}").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"w" * 100)
+    (folder / f"global_step{step}" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"o" * 300)
+    (folder / "trainer_state.json").write_text("{}")
+    if complete:
+        mark_complete(folder)
+    return folder
+
+
+def test_a_marked_checkpoint_lists_every_file_with_its_size(tmp_path):
+    folder = write_checkpoint(tmp_path, 3)
+    assert why_incomplete(folder) is None
+    manifest = json.loads((folder / COMPLETE_FILE).read_text())
+    assert manifest == {"step": 3, "files": {
+        "global_step3/zero_pp_rank_0_mp_rank_00_optim_states.pt": 300, "model.safetensors": 100,
+        "trainer_state.json": 2,
+    }}
+    assert not list(folder.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda folder: (folder / COMPLETE_FILE).unlink(), f"no {COMPLETE_FILE}"),
+    (lambda folder: (folder / "model.safetensors").write_bytes(b"w" * 10), "model.safetensors has 10 bytes instead of 100"),
+    (lambda folder: (folder / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink(),
+     "global_step3/zero_pp_rank_0_mp_rank_00_optim_states.pt is missing"),
+    (lambda folder: (folder / COMPLETE_FILE).write_text('{"files": '), f"{COMPLETE_FILE} is unreadable"),
+], ids=["unmarked", "truncated", "missing shard", "torn manifest"])
+def test_what_makes_a_checkpoint_incomplete(tmp_path, damage, reason):
+    folder = write_checkpoint(tmp_path, 3)
+    damage(folder)
+    assert reason in why_incomplete(folder)
+
+
+def test_the_newest_complete_checkpoint_by_step_number(tmp_path):
+    for step in (2, 9):
+        write_checkpoint(tmp_path, step)
+    write_checkpoint(tmp_path, 10, complete=False)  # numerically newest, not lexically
+    (tmp_path / "checkpoint-11.tmp").mkdir()  # not a checkpoint name
+    newest, skipped = newest_complete_checkpoint(tmp_path)
+    assert newest == tmp_path / "checkpoint-9"
+    assert [folder.name for folder, _ in skipped] == ["checkpoint-10"]
+    assert newest_complete_checkpoint(tmp_path / "absent") == (None, [])
+
+
+def test_an_explicit_incomplete_checkpoint_is_refused_with_the_one_to_use(tmp_path):
+    write_checkpoint(tmp_path, 2)
+    incomplete = write_checkpoint(tmp_path, 4, complete=False)
+    assert check_complete(tmp_path / "checkpoint-2") == tmp_path / "checkpoint-2"
+    with pytest.raises(IncompleteCheckpointError) as error:
+        check_complete(incomplete)
+    assert str(error.value) == (
+        f"--resume_from_checkpoint {incomplete} is not a complete checkpoint (no {COMPLETE_FILE}: it was not "
+        f"finished being written); the newest complete checkpoint beside it is {tmp_path / 'checkpoint-2'}"
+    )
+    with pytest.raises(IncompleteCheckpointError, match="give one of them, e.g. .*checkpoint-4"):
+        check_complete(tmp_path)  # the output folder instead of a checkpoint in it
+
+
+def test_a_deletion_killed_half_way_leaves_an_incomplete_folder(tmp_path, monkeypatch):
+    folder = write_checkpoint(tmp_path, 2)
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", lambda *args, **kwargs: None)  # killed before any file went
+    remove_checkpoint(folder)
+    assert folder.is_dir() and why_incomplete(folder) is not None
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
+    for step in (1, 2, 3):
+        write_checkpoint(tmp_path, step)
+    write_checkpoint(tmp_path, 4, complete=False)  # a leftover of a killed save, older than the new one
+    write_checkpoint(tmp_path, 9, complete=False)  # newer: the run has not rewritten it yet
+    newest = write_checkpoint(tmp_path, 5)
+    rotate_checkpoints(tmp_path, 2, newest)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-5", "checkpoint-9"]
+    rotate_checkpoints(tmp_path, None, newest)  # no limit: nothing goes
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_the_trainer_marks_its_checkpoints_and_keeps_the_newest(tmp_path):
+    trainer = regression_trainer(tmp_path, max_steps=6, save_steps=2, keep=2)
+    trainer.train()
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert why_incomplete(tmp_path / "checkpoint-6") is None
+    saved = json.loads((tmp_path / "checkpoint-6" / COMPLETE_FILE).read_text())["files"]
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(saved)
+
+
+class DiesWhileSaving(ResumableTrainer):
+    """Dies after the weights and optimizer of checkpoint-4 are written, before the rest."""
+
+    def _save_rng_state(self, output_dir):
+        if output_dir.endswith("checkpoint-4"):
+            raise SystemExit("killed")
+        super()._save_rng_state(output_dir)
+
+
+def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint_complete(tmp_path):
+    with pytest.raises(SystemExit):
+        regression_trainer(tmp_path, max_steps=6, save_steps=2, keep=1, trainer_class=DiesWhileSaving).train()
+    assert (tmp_path / "checkpoint-4" / "model.safetensors").is_file()
+    assert f"no {COMPLETE_FILE}" in why_incomplete(tmp_path / "checkpoint-4")
+    assert why_incomplete(tmp_path / "checkpoint-2") is None  # --save_total_limit 1 waits for a complete one
+    assert newest_complete_checkpoint(tmp_path)[0] == tmp_path / "checkpoint-2"
+
+
+def test_a_rewritten_checkpoint_holds_only_the_new_files(tmp_path):
+    stale = write_checkpoint(tmp_path, 2)  # e.g. of an earlier attempt, resumed from an older checkpoint
+    regression_trainer(tmp_path, max_steps=2, save_steps=2).train()
+    assert not (stale / "global_step2").exists() and why_incomplete(stale) is None
+
+
+def test_resuming_from_the_checkpoint_at_max_steps_trains_nothing(tmp_path):
+    # 4 steps per epoch: step 6 is in the middle of the second epoch
+    finished = regression_trainer(tmp_path, max_steps=6, save_steps=3)
+    finished.train()
+    resumed = regression_trainer(tmp_path, max_steps=6, save_steps=3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    assert resumed.state.global_step == 6
+    assert not (tmp_path / "checkpoint-7").exists()
+    assert torch.equal(weights(resumed), weights(finished))
+
+
+def test_resuming_from_a_middle_checkpoint_is_exact(tmp_path):
+    uninterrupted = regression_trainer(tmp_path / "a", max_steps=6, save_steps=3)
+    uninterrupted.train()
+    resumed = regression_trainer(tmp_path / "a", max_steps=6, save_steps=3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    assert torch.equal(weights(resumed), weights(uninterrupted))
