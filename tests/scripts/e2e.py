@@ -93,6 +93,17 @@ class Result:
         return self
 
 
+@dataclass
+class Running:
+    """A script run started by `Launcher.start`: its process (and process group) and where its output goes."""
+
+    argv: list[str]
+    pid: int
+    stdout: Path
+    stderr: Path
+    status: Path
+
+
 class Launcher:
     """Client of `_launcher.py`: `run(script, args)` behaves like `subprocess.run([python, script, *args])`."""
 
@@ -108,7 +119,8 @@ class Launcher:
         ready = self.process.stdout.readline()
         assert ready.startswith('{"ready"'), f"launcher failed to start, see {work_dir / 'launcher.log'}"
 
-    def run(self, script: Path, args: list, cwd: Path | None = None, timeout: float = RUN_TIMEOUT) -> Result:
+    def start(self, script: Path, args: list, cwd: Path | None = None) -> Running:
+        """Start `python SCRIPT ARGS`; `wait` for its Result. For tests that act on a run while it runs."""
         with self.lock:
             self.count += 1
             stem = self.work_dir / f"run{self.count:03d}"
@@ -119,18 +131,23 @@ class Launcher:
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
             pid = json.loads(self.process.stdout.readline())["pid"]
-        status_file = Path(request["status"])
+        return Running(request["argv"], pid, Path(request["stdout"]), Path(request["stderr"]), Path(request["status"]))
+
+    def wait(self, running: Running, timeout: float = RUN_TIMEOUT) -> Result:
         deadline = time.monotonic() + timeout
-        while not status_file.exists():
-            if not _alive(pid):
+        while not running.status.exists():
+            if not _alive(running.pid):
                 time.sleep(0.2)  # the status is written just before the child exits
                 break
             if time.monotonic() > deadline:
-                os.killpg(pid, signal.SIGKILL)
+                os.killpg(running.pid, signal.SIGKILL)
                 break
             time.sleep(0.1)
-        returncode = int(status_file.read_text()) if status_file.exists() else -9
-        return Result(request["argv"], returncode, Path(request["stdout"]).read_text(), Path(request["stderr"]).read_text())
+        returncode = int(running.status.read_text()) if running.status.exists() else -9
+        return Result(running.argv, returncode, running.stdout.read_text(), running.stderr.read_text())
+
+    def run(self, script: Path, args: list, cwd: Path | None = None, timeout: float = RUN_TIMEOUT) -> Result:
+        return self.wait(self.start(script, args, cwd), timeout)
 
     def run_many(self, jobs: dict[str, tuple], parallel: int = 2) -> dict[str, Result]:
         """{name: (script, args)} -> {name: Result}, `parallel` runs at a time (one thread each)."""
