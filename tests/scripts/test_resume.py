@@ -48,9 +48,9 @@ def data(tmp_path_factory):
     return write_cauldron(tmp_path_factory.mktemp("resume") / "memes", "hateful_memes", 7, "disk")
 
 
-def args_for(model_dir, output_dir, data, strategy: str, *extra):
+def args_for(model_dir, output_dir, data, strategy: str, *extra, evaluate_before: bool = False):
     return fast_args(model_dir, output_dir, "--dataset_path", data, "--eval_size", "1", "--max_steps", "4",
-                     "--skip_eval_before", *STRATEGIES[strategy], *map(str, extra))
+                     *([] if evaluate_before else ["--skip_eval_before"]), *STRATEGIES[strategy], *map(str, extra))
 
 
 def assert_same_weights(reference_dir, output_dir, strategy: str):
@@ -141,8 +141,8 @@ def lora_runs(launcher, tiny_model_dir, data, tmp_path_factory):
     --output_dir resumed from a checkpoint path, and full finetuning pointed at the LoRA run's folder."""
     root = tmp_path_factory.mktemp("lora")
 
-    def job(name: str, *extra, strategy="lora"):
-        return SCRIPT, args_for(tiny_model_dir, root / name, data, strategy, *extra)
+    def job(name: str, *extra, strategy="lora", evaluate_before=False):
+        return SCRIPT, args_for(tiny_model_dir, root / name, data, strategy, *extra, evaluate_before=evaluate_before)
 
     runs = launcher.run_many({"uninterrupted": job("uninterrupted", "--save_steps", "2")})
     runs["uninterrupted"].check()
@@ -153,7 +153,8 @@ def lora_runs(launcher, tiny_model_dir, data, tmp_path_factory):
             "explicit": job("explicit", "--resume_from_checkpoint", root / "uninterrupted" / "checkpoint-2"),
             "other run": job("other", strategy="full"),
         }, parallel=1)
-        stopped = launcher.start(*job("interrupted", "--dataloader_num_workers", "1"))  # no --save_steps
+        # no --save_steps; evaluated before training, which the resumed run does not repeat
+        stopped = launcher.start(*job("interrupted", "--dataloader_num_workers", "1", evaluate_before=True))
         wait_for_steps(stopped.stdout, 1)
         os.killpg(stopped.pid, signal.SIGINT)  # Ctrl-C: the script and its DataLoader worker
         runs["interrupted"] = launcher.wait(stopped)
@@ -162,14 +163,19 @@ def lora_runs(launcher, tiny_model_dir, data, tmp_path_factory):
     return root, runs
 
 
-def wait_for_steps(log_path, steps: int, timeout: float = 120) -> None:
-    """Until the run's log shows `steps` optimizer steps (the Trainer logs every step: --logging_steps 1)."""
+def wait_for_text(log_path, text: str, count: int = 1, timeout: float = 120) -> None:
+    """Until the run's log holds `text` `count` times."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if log_path.exists() and log_path.read_text().count("{'loss'") >= steps:
+        if log_path.exists() and log_path.read_text().count(text) >= count:
             return
         time.sleep(0.02)
-    raise AssertionError(f"no step {steps} in {log_path}")
+    raise AssertionError(f"no {text!r} ({count} times) in {log_path}")
+
+
+def wait_for_steps(log_path, steps: int) -> None:
+    """Until the run's log shows `steps` optimizer steps (the Trainer logs every step: --logging_steps 1)."""
+    wait_for_text(log_path, "{'loss'", steps)
 
 
 def printed_resume_command(stderr: str) -> str:
@@ -196,10 +202,32 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(lora_
     assert line.endswith(f"--resume_from_checkpoint {checkpoint}")
     assert 1 <= step <= 4 and why_incomplete(checkpoint) is None
     assert "after finetuning" not in interrupted.stdout  # neither the final save nor the final evaluation
-    runs["resumed"].check()
-    assert_clean(runs["resumed"])
-    assert f"resuming from {checkpoint}" in runs["resumed"].stdout
+    resumed = runs["resumed"].check()
+    assert_clean(resumed)
+    assert f"resuming from {checkpoint}" in resumed.stdout
     assert_same_weights(root / "uninterrupted", root / "interrupted", "lora")
+    before = [line for line in interrupted.stdout.splitlines() if line.startswith("ACCURACY before finetuning: ")]
+    assert len(before) == 1 and before[0] in resumed.stdout.splitlines()
+    assert "(already evaluated by this run)" in resumed.stdout
+
+
+def test_a_signal_during_the_evaluation_stops_the_run_cleanly(launcher, tiny_model_dir, data, tmp_path):
+    output_dir = tmp_path / "out"
+    # long generations, so that the signal finds the evaluation running
+    args = args_for(tiny_model_dir, output_dir, data, "lora", "--eval_size", "3", "--eval_batch_size", "1",
+                    "--max_new_tokens", "300", evaluate_before=True)
+    running = launcher.start(SCRIPT, args)
+    wait_for_text(running.stdout, "parameters trainable")  # the model is built: the evaluation comes next
+    time.sleep(0.2)
+    os.kill(running.pid, signal.SIGTERM)
+    result = launcher.wait(running)
+    assert result.returncode == 128 + signal.SIGTERM
+    assert_clean(result)
+    assert result.stderr.strip().splitlines()[-1] == (
+        "interrupted by SIGTERM during the evaluation before training; no checkpoint to resume from; to "
+        f"continue: python {shlex.join([str(SCRIPT), *map(str, args)])}"
+    )
+    assert not (output_dir / "eval_before.json").exists()
 
 
 def test_resumed_into_a_fresh_output_dir_from_a_checkpoint_path(lora_runs):
