@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 
 from common import preemption
 from common.checkpoints import why_incomplete
+from common.distributed import ONE_PROCESS, Distributed
 from common.preemption import Interrupted, PreemptionCallback, StopSignals, exit_status, resume_command
 from tests.common.regression_trainer import regression_trainer
 
@@ -107,14 +108,21 @@ SCRIPT_ARGS = ["train.py", "--output_dir", "out dir", "--max_steps", "9"]
 @pytest.mark.parametrize("previous", [[], ["--resume_from_checkpoint"], ["--resume_from_checkpoint", "out/checkpoint-2"],
                                       ["--resume_from_checkpoint=out/checkpoint-2"]], ids=["none", "latest", "path", "path="])
 def test_the_resume_command_names_the_checkpoint_once(previous):
-    command = resume_command([*SCRIPT_ARGS, *previous], "out dir/checkpoint-5", environ={})
+    command = resume_command([*SCRIPT_ARGS, *previous], "out dir/checkpoint-5", ONE_PROCESS, environ={})
     assert command == "python train.py --output_dir 'out dir' --max_steps 9 --resume_from_checkpoint 'out dir/checkpoint-5'"
 
 
 def test_the_resume_command_recreates_the_torchrun_launch():
-    single_node = {"TORCHELASTIC_RUN_ID": "none", "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "4"}
-    assert resume_command(SCRIPT_ARGS, None, single_node) == "torchrun --nproc_per_node=4 train.py --output_dir 'out dir' --max_steps 9"
-    two_nodes = {**single_node, "WORLD_SIZE": "8", "MASTER_ADDR": "node1", "MASTER_PORT": "29500"}
-    assert resume_command(SCRIPT_ARGS, None, two_nodes).startswith(
-        "torchrun --nnodes=2 '--node_rank=<this node'\"'\"'s rank>' --nproc_per_node=4 --master_addr=node1 --master_port=29500 train.py"
+    def processes(world_size: int) -> Distributed:
+        return Distributed(rank=0, local_rank=0, world_size=world_size, local_world_size=4, device=ONE_PROCESS.device)
+
+    torchrun = {"TORCHELASTIC_RUN_ID": "none", "MASTER_ADDR": "node1", "MASTER_PORT": "29500"}
+    assert resume_command(SCRIPT_ARGS, None, processes(4), torchrun) == (
+        "torchrun --nproc_per_node=4 train.py --output_dir 'out dir' --max_steps 9"
     )
+    assert resume_command(SCRIPT_ARGS, None, processes(8), torchrun).startswith(
+        "torchrun --nnodes=2 '--node_rank=<this node'\"'\"'s rank>' --nproc_per_node=4 --master_addr=node1 "
+        "--master_port=29500 train.py"
+    )
+    # stopped before the run knew its processes
+    assert resume_command(SCRIPT_ARGS, None, None, torchrun).startswith("torchrun '<the same torchrun flags>' train.py")
