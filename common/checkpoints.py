@@ -50,15 +50,22 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
-def mark_complete(folder: Path) -> None:
-    """Declare `folder` complete: flush every file in it to disk, then write the manifest of their sizes under
-    a temporary name and rename it into place (a rename is atomic: the manifest is whole or absent)."""
-    folder = Path(folder)
+def flushed_files(folder: Path) -> dict[str, int]:
+    """{path relative to `folder`: size} of the checkpoint's files as this process sees them, each flushed to
+    disk first."""
     files = {}
-    for path in sorted(folder.rglob("*")):
+    for path in sorted(Path(folder).rglob("*")):
         if path.is_file() and path.name != COMPLETE_FILE and not path.name.endswith(".tmp"):
             _fsync(path)
             files[path.relative_to(folder).as_posix()] = path.stat().st_size
+    return files
+
+
+def mark_complete(folder: Path, files: dict[str, int] | None = None) -> None:
+    """Declare `folder` complete: write the manifest of its `files` (default: all of them, flushed to disk)
+    under a temporary name and rename it into place (a rename is atomic: the manifest is whole or absent)."""
+    folder = Path(folder)
+    files = flushed_files(folder) if files is None else files
     temporary = folder / f"{COMPLETE_FILE}.{os.getpid()}.tmp"  # per process: never two writers of one file
     with open(temporary, "w") as file:
         json.dump({"step": checkpoint_step(folder), "files": files}, file, indent=1)
@@ -152,9 +159,28 @@ def rotate_checkpoints(output_dir: Path, keep: int | None, newest: Path) -> None
         remove_checkpoint(folder)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
+
+
+def _files_of_all_ranks(folder: Path) -> dict[str, int]:
+    """The checkpoint's files as every rank sees them, flushed to disk by each (a collective: every rank calls
+    it). On a shared filesystem a node may list another node's fresh files late (NFS caches directories), but
+    each rank always sees what it wrote itself; a file still growing in a stale view is taken at its largest."""
+    views = [flushed_files(folder)]
+    if _distributed():
+        views = [None] * dist.get_world_size()
+        dist.all_gather_object(views, flushed_files(folder))
+    files = {}
+    for view in views:
+        for name, size in view.items():
+            files[name] = max(size, files.get(name, 0))
+    return dict(sorted(files.items()))
 
 
 class ResumableTrainer(Trainer):
@@ -178,9 +204,9 @@ class ResumableTrainer(Trainer):
             logger.info("writing %s", folder)
         _barrier()  # nobody writes into the folder while it is being removed
         super()._save_checkpoint(model, trial)
-        _barrier()  # every rank has written its part (optimizer shards, RNG state)
+        files = _files_of_all_ranks(folder)  # after every rank has written its part (optimizer shards, RNG state)
         if self.args.should_save:
-            mark_complete(folder)
+            mark_complete(folder, files)
             rotate_checkpoints(folder.parent, self.keep_checkpoints, folder)
             logger.info("checkpoint %s is complete", folder)
 

@@ -168,7 +168,7 @@ def _completed_evaluation(path: Path, identity: dict, metric: Metric, num_sample
     if not path.is_file() or _recorded_identity(path.parent) != identity:
         return None
     report = json.loads(path.read_text())
-    if report.get("metric") != metric.name or report.get("num_samples") != num_samples:
+    if metric.name not in report or len(report.get("answers_unique", ())) != num_samples:
         return None
     return report[metric.name]
 

@@ -151,3 +151,39 @@ def test_resuming_from_a_middle_checkpoint_is_exact(tmp_path):
     resumed = regression_trainer(tmp_path / "a", max_steps=6, save_steps=3)
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     assert torch.equal(weights(resumed), weights(uninterrupted))
+
+
+def _list_as_rank(rank: int, root, port: int, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        view = root / f"view_of_rank_{rank}"  # what each node sees of one checkpoint folder on a shared filesystem
+        results[rank] = checkpoints._files_of_all_ranks(view)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_manifest_holds_what_every_rank_wrote_even_if_another_lists_it_late(tmp_path):
+    import multiprocessing
+    import socket
+
+    for rank, files in ((0, {"model.safetensors": 100, "zero_pp_rank_0.pt": 30}),
+                        (1, {"model.safetensors": 40, "zero_pp_rank_1.pt": 30})):  # rank 1: a stale, shorter view
+        for name, size in files.items():
+            (tmp_path / f"view_of_rank_{rank}").mkdir(exist_ok=True)
+            (tmp_path / f"view_of_rank_{rank}" / name).write_bytes(b"x" * size)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    with context.Manager() as manager:
+        results = manager.dict()
+        ranks = [context.Process(target=_list_as_rank, args=(rank, tmp_path, port, results)) for rank in (0, 1)]
+        for process in ranks:
+            process.start()
+        for process in ranks:
+            process.join(60)
+        assert [process.exitcode for process in ranks] == [0, 0]
+        expected = {"model.safetensors": 100, "zero_pp_rank_0.pt": 30, "zero_pp_rank_1.pt": 30}
+        assert results[0] == results[1] == expected
