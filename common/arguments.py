@@ -118,41 +118,25 @@ def resolve_run_config(
         precision=precision,
         strategy=strategy,
         lora=LoraSettings(args.lora_rank, args.lora_alpha_ratio, args.lora_dropout),
-        data=DataConfig(args.dataset_path, args.data_dir, args.eval_size, args.max_eval_samples, args.seed),
-        training=TrainingConfig(
-            batch_size=args.batch_size,
-            batch_size_per_gpu=args.batch_size_per_gpu,
-            num_train_epochs=args.num_train_epochs,
-            max_steps=args.max_steps,
-            learning_rate=args.learning_rate,
-            weight_decay=args.wd,
-            warmup_steps=args.warmup_steps,
-            max_length=args.max_length,
-            seed=args.seed,
-            logging_steps=args.logging_steps,
-            deepspeed_config=deepspeed,
-            report_to=args.report_to,
-            dataloader_num_workers=args.dataloader_num_workers,
-            show_progress=args.tqdm,
+        data=_from_flags(DataConfig, args),
+        training=_from_flags(
+            TrainingConfig, args, weight_decay=args.wd, deepspeed_config=deepspeed, show_progress=args.tqdm
         ),
-        evaluation=EvaluationConfig(
+        evaluation=_from_flags(
+            EvaluationConfig,
+            args,
             batch_size=args.batch_size_per_gpu if args.eval_batch_size is None else args.eval_batch_size,
-            max_new_tokens=args.max_new_tokens,
             skip_before=args.skip_eval_before,
-            dataloader_num_workers=args.dataloader_num_workers,
             show_progress=args.tqdm,
         ),
-        outputs=OutputConfig(
-            output_dir=args.output_dir,
-            save_steps=args.save_steps,
-            save_total_limit=args.save_total_limit,
-            resume_from_checkpoint=args.resume_from_checkpoint,
-            merge=args.merge,
-        ),
-        task_options=task_options(**{f.name: getattr(args, f.name) for f in fields(task_options)})
-        if task_options
-        else None,
+        outputs=_from_flags(OutputConfig, args),
+        task_options=_from_flags(task_options, args) if task_options else None,
     )
+
+
+def _from_flags(piece: type, args: argparse.Namespace, **resolved):
+    """A configuration piece: each field is the flag of the same name, unless `resolved` gives its value."""
+    return piece(**{f.name: resolved[f.name] if f.name in resolved else getattr(args, f.name) for f in fields(piece)})
 
 
 def _problems(args: argparse.Namespace, processes: int) -> list[str]:

@@ -10,10 +10,9 @@ pad id, so an `<|endoftext|>` that doubles as pad is still learnt.
 
 from __future__ import annotations
 
-import torch
-
 from .data import Sample
 from .errors import UserError
+from .phi3v.processing_phi3_v import pad_sequences
 
 IGNORE_INDEX = -100
 
@@ -68,15 +67,6 @@ class ConversationEncoder:
         return ids, labels, image_inputs
 
 
-def pad(sequences: list[list[int]], value: int, side: str) -> torch.Tensor:
-    length = max(map(len, sequences))
-    out = torch.full((len(sequences), length), value, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        start = 0 if side == "right" else length - len(sequence)
-        out[row, start : start + len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-    return out
-
-
 def _with_images(batch: dict, image_inputs) -> dict:
     if image_inputs is not None:
         batch["pixel_values"] = image_inputs["pixel_values"]
@@ -107,9 +97,9 @@ class Phi3VTrainCollator:
                         f"--max_length {self.max_length}; raise --max_length, lower --num_crops or remove the sample"
                     )
         batch = {
-            "input_ids": pad(ids, self.pad_token_id, "right"),
-            "attention_mask": pad([[1] * len(s) for s in ids], 0, "right"),
-            "labels": pad(labels, IGNORE_INDEX, "right"),
+            "input_ids": pad_sequences(ids, self.pad_token_id, "right"),
+            "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0, "right"),
+            "labels": pad_sequences(labels, IGNORE_INDEX, "right"),
         }
         return _with_images(batch, image_inputs)
 
@@ -128,8 +118,8 @@ class Phi3VEvalCollator:
     def __call__(self, samples: list[Sample]) -> dict:
         ids, _, image_inputs = self.encoder.encode_batch(samples, with_last_answer=False)
         batch = {
-            "input_ids": pad(ids, self.pad_token_id, "left"),
-            "attention_mask": pad([[1] * len(s) for s in ids], 0, "left"),
+            "input_ids": pad_sequences(ids, self.pad_token_id, "left"),
+            "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0, "left"),
             "ids": [sample.id for sample in samples],
             "references": [sample.references for sample in samples],
         }

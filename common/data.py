@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,8 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .errors import UserError
-
-_IMAGE_TAG = re.compile(r"<\|image_\d+\|>")
+from .phi3v.processing_phi3_v import IMAGE_TAG
 
 
 @dataclass
@@ -100,7 +98,7 @@ class SampleDataset(Dataset):
         problems = []
         for sample in self.rows:
             for turn in sample.turns:
-                if _IMAGE_TAG.search(turn.user):
+                if IMAGE_TAG.search(turn.user):
                     problems.append(f"sample {sample.id}: user text contains an <|image_N|> tag; list images in 'images'")
                 for image in turn.images:
                     if isinstance(image, str) and not (self.base_dir / image).is_file():

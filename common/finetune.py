@@ -20,17 +20,10 @@ from typing import Any
 import torch
 from transformers import AutoProcessor, TrainingArguments
 
+from .arguments import RESUME_LATEST
 from .checkpoints import ResumableTrainer, check_complete, newest_complete_checkpoint
 from .collators import Phi3VTrainCollator
-from .config import (
-    RESUME_LATEST,
-    DataConfig,
-    EvaluationConfig,
-    LoraSettings,
-    ModelConfig,
-    OutputConfig,
-    RunConfig,
-)
+from .config import DataConfig, EvaluationConfig, LoraSettings, ModelConfig, OutputConfig, RunConfig
 from .data import SampleDataset, load_conversation_splits
 from .distributed import Distributed, start_distributed
 from .errors import UserError

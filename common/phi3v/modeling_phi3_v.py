@@ -231,10 +231,12 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
     """Phi-3-V with the language modelling head; `generate` works as for any transformers causal LM."""
 
     def __init__(self, config: Phi3VConfig):
-        # Skip Phi3ForCausalLM.__init__, which would build a text-only decoder only to replace it.
-        Phi3PreTrainedModel.__init__(self, config)
+        # Phi3ForCausalLM's constructor sets up the head and whatever else the family needs; the text-only
+        # decoder it builds is replaced by the one with the image embedding, so it is built on the meta
+        # device (no memory, no initialisation), and so is its head, which is built again for real.
+        with torch.device("meta"):
+            super().__init__(config)
         self.model = Phi3VModel(config)
-        self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 

@@ -18,10 +18,20 @@ from transformers.processing_utils import ProcessorMixin
 
 from .image_processing_phi3_v import Phi3VImageProcessor
 
-# One capturing group: `split` alternates text chunk, tag number, text chunk, ...
-_IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+# An image tag in a prompt. One capturing group: `split` alternates text chunk, tag number, text chunk, ...
+IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 # The output must be rectangular, so every `padding` value but "max_length" pads to the longest prompt.
 _PAD_TO_LONGEST = (False, True, None, "longest", "do_not_pad")
+
+
+def pad_sequences(sequences: list[list[int]], value: int, side: str, length: int | None = None) -> torch.Tensor:
+    """B id lists -> (B, length) long tensor, `value` on `side` ("right" or "left"); length: the longest."""
+    length = max(map(len, sequences)) if length is None else length
+    out = torch.full((len(sequences), length), value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        start = 0 if side == "right" else length - len(sequence)
+        out[row, start : start + len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return out
 
 
 def _plural(count: int, noun: str) -> str:
@@ -33,7 +43,7 @@ def _split_prompt(prompt: str, num_images: int) -> tuple[list[str], list[int]]:
 
     Tags may repeat, but their distinct numbers must be exactly 1..num_images.
     """
-    parts = _IMAGE_TAG.split(prompt)
+    parts = IMAGE_TAG.split(prompt)
     chunks, image_ids = parts[::2], [int(number) for number in parts[1::2]]
     distinct = sorted(set(image_ids))
     if distinct != list(range(1, len(distinct) + 1)):
@@ -155,7 +165,7 @@ class Phi3VProcessor(ProcessorMixin):
         Unlike `__call__`, the prompt need not use every image: a multi-turn conversation is encoded turn by
         turn, each turn's tags numbered across the whole conversation.
         """
-        parts = _IMAGE_TAG.split(prompt)
+        parts = IMAGE_TAG.split(prompt)
         chunks, image_ids = parts[::2], [int(number) for number in parts[1::2]]
         unknown = sorted({n for n in image_ids if not 1 <= n <= len(tokens_per_image)})
         if unknown:
@@ -176,14 +186,8 @@ class Phi3VProcessor(ProcessorMixin):
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None and any(len(sequence) < length for sequence in sequences):
             raise ValueError("the tokenizer has no pad_token_id; set tokenizer.pad_token to pad a batch")
-        input_ids = torch.full(
-            (len(sequences), length), pad_id if pad_id is not None else 0, dtype=torch.long
-        )
-        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            span = slice(0, len(sequence)) if side == "right" else slice(length - len(sequence), length)
-            input_ids[row, span] = torch.tensor(sequence, dtype=torch.long)
-            attention_mask[row, span] = 1
+        input_ids = pad_sequences(sequences, pad_id if pad_id is not None else 0, side, length)
+        attention_mask = pad_sequences([[1] * len(sequence) for sequence in sequences], 0, side, length)
         return input_ids, attention_mask
 
     def apply_chat_template(self, conversation: Any, tokenize: bool = False, **kwargs) -> Any:

@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, Phi3ForCausalLM
 from transformers.utils import is_flash_attn_2_available
 
-from common.phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VProcessor
+from common.phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VModel, Phi3VProcessor
 
 ATTN_IMPLEMENTATIONS = ["eager", "sdpa"]
 LOGITS_RTOL = 1e-4
@@ -282,6 +282,22 @@ def test_official_config_builds_the_official_key_set(ref):
     expected_count = sum(math.prod(shape) for shape in expected.values())
     assert sum(p.numel() for p in model.parameters()) == expected_count
     assert expected_count == 4_146_621_440  # Phi-3.5-vision-instruct
+
+
+def test_the_causal_lm_is_built_by_phi3s_own_constructor(ref, monkeypatch):
+    """Whatever Phi3ForCausalLM's constructor sets up (today or in a later transformers) is there; its throwaway
+    text decoder costs nothing, and every weight of the finished model is real (none left on the meta device)."""
+    phi3_init = Phi3ForCausalLM.__init__
+
+    def phi3_init_with_a_new_attribute(self, config):
+        phi3_init(self, config)
+        self.set_by_phi3 = True
+
+    monkeypatch.setattr(Phi3ForCausalLM, "__init__", phi3_init_with_a_new_attribute)
+    model = Phi3VForCausalLM(Phi3VConfig.from_pretrained(ref.model_dir))
+    assert model.set_by_phi3
+    assert not [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+    assert type(model.model) is Phi3VModel
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ Request: {"argv": [script, *args], "cwd": str, "env": {str: str}, "stdout": path
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import runpy
@@ -77,10 +78,8 @@ def child(request: dict) -> None:
         traceback.print_exc()
     finally:
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(Exception):  # a closed stream must not cost the exit status
                 stream.flush()
-            except Exception:  # noqa: BLE001
-                pass
         temporary = request["status"] + ".tmp"
         with open(temporary, "w") as file:
             file.write(str(status))

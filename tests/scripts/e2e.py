@@ -28,18 +28,15 @@ from PIL import Image
 from safetensors import safe_open
 
 import common  # noqa: F401  (registers phi3_v with the Auto classes)
+from common.strategy import STRATEGIES as TRAINING_STRATEGIES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {
     name: REPO_ROOT / f"finetune_hf_trainer_{name}.py" for name in ("docvqa", "hateful_memes", "nlvr2", "ucf101")
 }
-STRATEGIES = {
-    "full": [],
-    "frozen": ["--freeze_vision_model"],
-    "lora": ["--use_lora"],
-    "qlora": ["--use_qlora"],
-}
-STRATEGY_NAMES = {"full": "full finetuning", "frozen": "full finetuning (frozen vision)", "lora": "LoRA", "qlora": "QLoRA"}
+# The strategies every script is run with: name -> the flags that select it (common/strategy.py's facts)
+STRATEGIES = {name: TRAINING_STRATEGIES[name].command_line for name in ("full", "frozen", "lora", "qlora")}
+STRATEGY_NAMES = {name: TRAINING_STRATEGIES[name].name for name in STRATEGIES}  # as the run logs it
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 COLOUR_QUESTION = "Which colour is this? Answer red, green or blue."
 RUN_TIMEOUT = 300
