@@ -313,7 +313,7 @@ def count_decodable_frames(video_path: str) -> int | None:
 def write_sampled_frames(video_path: str, indices: list[int], staged_paths: list[Path]) -> str | None:
     """Decode the video once, front to back, keeping only the current frame in memory."""
     outputs_by_index = defaultdict(list)
-    for staged_path, index in zip(staged_paths, indices):
+    for staged_path, index in zip(staged_paths, indices, strict=True):
         outputs_by_index[index].append(staged_path)
     capture = cv2.VideoCapture(video_path)
     try:
@@ -363,7 +363,7 @@ def convert_video(job: FrameJob) -> str | None:
         skip_reason = decode_sampled_frames(job.video_path, staged_paths)
         if skip_reason is None:
             Path(job.frame_paths[0]).parent.mkdir(parents=True, exist_ok=True)
-            for staged_path, frame_path in zip(staged_paths, job.frame_paths):
+            for staged_path, frame_path in zip(staged_paths, job.frame_paths, strict=True):
                 os.replace(staged_path, frame_path)
         return skip_reason
     finally:
@@ -398,7 +398,7 @@ def convert_videos(
             desc="Converting",
             disable=not show_progress,
         )
-        for video, skip_reason in zip(pending, results):
+        for video, skip_reason in zip(pending, results, strict=True):
             if skip_reason is not None:
                 skip_reasons[video.index] = skip_reason
                 tqdm.write(f"WARNING: skipping {video.shown_path}: {skip_reason}", file=sys.stderr)

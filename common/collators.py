@@ -90,7 +90,7 @@ class Phi3VTrainCollator:
     def __call__(self, samples: list[Sample]) -> dict:
         ids, labels, image_inputs = self.encoder.encode_batch(samples, with_last_answer=True)
         if self.max_length is not None:
-            for sample, sample_ids in zip(samples, ids):
+            for sample, sample_ids in zip(samples, ids, strict=True):
                 if len(sample_ids) > self.max_length:
                     raise UserError(
                         f"sample {sample.id} has {len(sample_ids)} tokens (images included), more than "

@@ -59,7 +59,7 @@ def generate_predictions(
         texts = processor.batch_decode(
             output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
-        for sample_id, text, refs in zip(ids, texts, references):
+        for sample_id, text, refs in zip(ids, texts, references, strict=True):
             records.append({"index": shard[position], "id": sample_id, "prediction": text, "references": refs})
             position += 1
     model.train(was_training)

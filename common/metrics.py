@@ -25,7 +25,7 @@ def accuracy(predictions: list[str], references: list[list[str]]) -> float:
     """Share of predictions equal to one of their references after `normalize_answer`."""
     hits = sum(
         normalize_answer(prediction) in {normalize_answer(r) for r in refs}
-        for prediction, refs in zip(predictions, references)
+        for prediction, refs in zip(predictions, references, strict=True)
     )
     return hits / len(predictions)
 
@@ -34,7 +34,7 @@ def anls(predictions: list[str], references: list[list[str]], threshold: float =
     """Average Normalised Levenshtein Similarity: per question the best 1 - distance / max length over all
     reference answers (0 when the normalised distance is not below `threshold`), averaged."""
     total = 0.0
-    for prediction, refs in zip(predictions, references):
+    for prediction, refs in zip(predictions, references, strict=True):
         prediction = prediction.strip().lower()
         best = 0.0
         for reference in refs:

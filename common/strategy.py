@@ -1,8 +1,15 @@
-"""The training strategy of a run — full, frozen vision, LoRA or QLoRA — and the one builder that applies it.
+"""The training strategies — full, frozen vision, LoRA, QLoRA — their facts, and the one builder that applies them.
 
-`common.arguments` resolves the flags into one `TrainingStrategy`; `quantization_config` and `lora_config`
-are pure helpers returning a config or None; `build_model` loads the checkpoint and prepares it for
-training. Scripts never branch on the strategy.
+What trains (`build_model` is where it happens):
+- full finetuning: every weight (DeepSpeed ZeRO-2);
+- frozen vision (`--freeze_vision_model`): all but the CLIP tower and the image projection (ZeRO-2);
+- LoRA (`--use_lora`): adapters on the language model (LANGUAGE_LORA_TARGETS) and, unless the vision is
+  frozen, on CLIP and the projection (VISION_LORA_TARGETS); the base stays frozen (DDP);
+- QLoRA (`--use_qlora`): the same adapters on a 4-bit nf4 base (DDP).
+
+`TrainingStrategy.from_flags` is the one place flags become a strategy; `STRATEGIES` names every
+combination for the benchmark and the tests. `quantization_config` and `lora_config` are pure helpers
+returning a config or None. Scripts never branch on the strategy.
 """
 
 from __future__ import annotations

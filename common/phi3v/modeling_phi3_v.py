@@ -68,7 +68,10 @@ class Phi3VImageEmbedding(nn.Module):
         crops = torch.cat([pixel_values[i, : 1 + rows * cols] for i, (rows, cols) in enumerate(grids)])
         features = self.img_processor(crops.to(self._tower_dtype()), self.feature_layer)
         per_image = torch.split(features, [1 + rows * cols for rows, cols in grids])
-        tokens = [self._hd_layout(image_features, rows, cols) for image_features, (rows, cols) in zip(per_image, grids)]
+        tokens = [
+            self._hd_layout(image_features, rows, cols)
+            for image_features, (rows, cols) in zip(per_image, grids, strict=True)
+        ]
         # The bias, not the weight: a 4-bit (QLoRA) weight is stored as uint8; the bias keeps the compute dtype.
         projected = self.img_projection(torch.cat(tokens).to(self.img_projection[0].bias.dtype))
         return list(torch.split(projected, [len(t) for t in tokens]))

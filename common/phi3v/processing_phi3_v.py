@@ -131,7 +131,7 @@ class Phi3VProcessor(ProcessorMixin):
         batched = not isinstance(text, str)
 
         splits = []
-        for index, (prompt, prompt_images) in enumerate(zip(prompts, images_per_prompt)):
+        for index, (prompt, prompt_images) in enumerate(zip(prompts, images_per_prompt, strict=True)):
             try:
                 splits.append(_split_prompt(prompt, len(prompt_images)))
             except ValueError as err:
@@ -142,7 +142,7 @@ class Phi3VProcessor(ProcessorMixin):
         tokens_per_image = image_inputs["num_img_tokens"] if image_inputs else []
 
         sequences, first_image = [], 0
-        for (chunks, image_ids), prompt_images in zip(splits, images_per_prompt):
+        for (chunks, image_ids), prompt_images in zip(splits, images_per_prompt, strict=True):
             counts = tokens_per_image[first_image : first_image + len(prompt_images)]
             sequences.append(self._interleave(chunks, image_ids, counts))
             first_image += len(prompt_images)
@@ -176,7 +176,7 @@ class Phi3VProcessor(ProcessorMixin):
         """Tokenize each chunk separately and put `[-N] * tokens_per_image[N - 1]` between consecutive chunks."""
         chunk_ids = self.tokenizer(chunks).input_ids
         input_ids = list(chunk_ids[0])
-        for image_id, next_chunk in zip(image_ids, chunk_ids[1:]):
+        for image_id, next_chunk in zip(image_ids, chunk_ids[1:], strict=True):
             input_ids += [-image_id] * tokens_per_image[image_id - 1]
             input_ids += next_chunk
         return input_ids

@@ -76,7 +76,7 @@ def _batched_prompts() -> list[str]:
     """The case prompt behind each row of the batched reference: the one with the row's text tokens."""
     batched = REFERENCE["batched"]
     prompts = []
-    for ids, mask in zip(batched["input_ids"], batched["attention_mask"]):
+    for ids, mask in zip(batched["input_ids"], batched["attention_mask"], strict=True):
         text_ids = ids[mask.bool() & (ids >= 0)]
         (prompt,) = [
             case["prompt"]

@@ -54,7 +54,7 @@ def test_mini_train_split_and_seeded_answers(tmp_path, monkeypatch):
     assert (len(train), len(evaluation)) == (2, 2)  # round(150 x 1%) rows; validation untouched
     assert len(load(full_train=True)[0]) == 150
     answers = [train[i].turns[0].assistant for i in range(2)]
-    for answer, name in zip(answers, colour_names(2)):
+    for answer, name in zip(answers, colour_names(2), strict=True):
         assert answer in (name, f"{name} page")
     assert answers == [load(full_train=False)[0][i].turns[0].assistant for i in range(2)]  # same seed, same answer
     assert evaluation[0].references == ["green", "green page"]
