@@ -70,11 +70,11 @@ def load_datasets(task: Task, data: DataConfig, options: Any = None) -> tuple[Sa
 
 
 def _load_task_datasets(task: Task, data: DataConfig, options: Any) -> tuple[SampleDataset, SampleDataset]:
-    if data.dataset_path:
-        return task.load_datasets(data, options)
     try:
         return task.load_datasets(data, options)
     except ConnectionError as error:  # the datasets library's "Couldn't reach ... on the Hub"
+        if data.dataset_path:
+            raise
         raise UserError(
             f"{task.name}: cannot download the dataset ({error}); download it where the hub is reachable "
             "(datasets' save_to_disk, or the parquet files) and pass that folder with --dataset_path"
