@@ -15,6 +15,7 @@ the launcher, which forwards the signals it receives.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -199,8 +200,6 @@ def report_and_exit(line: str, signum: int, is_main: bool, synchronize: bool) ->
     if is_main:
         print(line, file=sys.stderr, flush=True)
     if synchronize and dist.is_available() and dist.is_initialized():
-        try:
+        with contextlib.suppress(Exception):  # a peer already gone: it stopped too, and this rank is done
             dist.barrier()
-        except Exception:  # noqa: BLE001  (a peer already gone: it stopped too, and this rank is done)
-            pass
     raise SystemExit(exit_status(signum))
