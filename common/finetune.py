@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoProcessor, TrainingArguments
+from transformers import AutoProcessor, TrainingArguments, set_seed
 
 from .arguments import RESUME_LATEST
 from .checkpoints import ResumableTrainer, check_complete, newest_complete_checkpoint
@@ -239,6 +239,9 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
     logger.info("%s with %s on %d process(es), %s", task.name, strategy.name, distributed.world_size, precision)
     identity = run_identity(task, config)
     checkpoint = resolve_checkpoint(outputs, identity, distributed)
+    # --seed also fixes what is drawn before the Trainer seeds itself (the LoRA initialisation): a run started
+    # again from scratch (stopped before its first checkpoint) is the run it replaces
+    set_seed(config.training.seed)
     processor, model = load_processor_and_model(config.model, strategy, config.lora, precision, distributed.device)
 
     output_dir = Path(outputs.output_dir)

@@ -138,7 +138,8 @@ def test_an_explicit_incomplete_checkpoint_is_one_clear_error(killed):
 @pytest.fixture(scope="module")
 def lora_runs(launcher, tiny_model_dir, data, tmp_path_factory):
     """LoRA: the uninterrupted run, a run stopped with Ctrl-C and resumed with the command it printed, a fresh
-    --output_dir resumed from a checkpoint path, and full finetuning pointed at the LoRA run's folder."""
+    --output_dir resumed from a checkpoint path, full finetuning pointed at the LoRA run's folder, and the
+    same run again from scratch."""
     root = tmp_path_factory.mktemp("lora")
 
     def job(name: str, *extra, strategy="lora", evaluate_before=False):
@@ -152,6 +153,7 @@ def lora_runs(launcher, tiny_model_dir, data, tmp_path_factory):
         others = pool.submit(launcher.run_many, {
             "explicit": job("explicit", "--resume_from_checkpoint", root / "uninterrupted" / "checkpoint-2"),
             "other run": job("other", strategy="full"),
+            "from scratch": job("from scratch"),  # as after a kill before the first checkpoint
         }, parallel=1)
         # no --save_steps; evaluated before training, which the resumed run does not repeat
         stopped = launcher.start(*job("interrupted", "--dataloader_num_workers", "1", evaluate_before=True))
@@ -235,6 +237,12 @@ def test_resumed_into_a_fresh_output_dir_from_a_checkpoint_path(lora_runs):
     runs["explicit"].check()
     assert f"resuming from {root / 'uninterrupted' / 'checkpoint-2'}" in runs["explicit"].stdout
     assert_same_weights(root / "uninterrupted", root / "explicit", "lora")
+
+
+def test_a_run_started_again_from_scratch_is_the_same_run(lora_runs):
+    root, runs = lora_runs
+    runs["from scratch"].check()
+    assert_same_weights(root / "uninterrupted", root / "from scratch", "lora")  # --seed fixes the LoRA init too
 
 
 def test_a_checkpoint_of_another_run_is_not_resumed(lora_runs):
