@@ -6,7 +6,8 @@ finishes the run); SIGKILL while checkpoint-4 is written (automatic resume skips
 from checkpoint-2; an explicit path to it is one clear error); Ctrl-C (SIGINT to the process group, DataLoader
 worker included) without --save_steps; SIGTERM to one of two torchrun workers (both stop at the same step).
 The data: 6 training rows in steps of 2, so --max_steps 4 ends in the middle of the second epoch, and
---save_steps 2 writes checkpoint-2 (in the first epoch) and checkpoint-4 (the last).
+--save_steps 2 writes checkpoint-2 (in the first epoch) and checkpoint-4 (the last). The LoRA runs that are
+stopped by a signal train 8 steps, so that the signal finds training running even on a fast machine.
 """
 
 import json
@@ -143,7 +144,9 @@ def lora_runs(launcher, tiny_model_dir, data, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
 
     def job(name: str, *extra, strategy="lora", evaluate_before=False):
-        return SCRIPT, args_for(tiny_model_dir, root / name, data, strategy, *extra, evaluate_before=evaluate_before)
+        # 8 steps: room for Ctrl-C to land in training on a fast machine
+        return SCRIPT, args_for(tiny_model_dir, root / name, data, strategy, "--max_steps", "8", *extra,
+                                evaluate_before=evaluate_before)
 
     runs = launcher.run_many({"uninterrupted": job("uninterrupted", "--save_steps", "2")})
     runs["uninterrupted"].check()
@@ -200,9 +203,9 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(lora_
     line = next(line for line in interrupted.stderr.splitlines() if line.startswith("stopped by "))
     step = int(line.split(" at step ")[1].split()[0])
     checkpoint = root / "interrupted" / f"checkpoint-{step}"
-    assert line.startswith(f"stopped by SIGINT at step {step} of 4: {checkpoint} is complete; resume with: python ")
+    assert line.startswith(f"stopped by SIGINT at step {step} of 8: {checkpoint} is complete; resume with: python ")
     assert line.endswith(f"--resume_from_checkpoint {checkpoint}")
-    assert 1 <= step <= 4 and why_incomplete(checkpoint) is None
+    assert 1 <= step <= 8 and why_incomplete(checkpoint) is None
     assert "after finetuning" not in interrupted.stdout  # neither the final save nor the final evaluation
     resumed = runs["resumed"].check()
     assert_clean(resumed)
