@@ -8,10 +8,11 @@ black text-like rectangles, a question, a short answer) at num_crops 16 (about 2
 recipe's DocVQA average is 2443). The Trainer runs --warmup_steps untimed optimizer steps, then --steps
 timed ones; a callback times the window between them (the only CUDA synchronisations it adds).
 
-    # one node with 8 GPUs (the launcher starts `torchrun --nproc_per_node 8` for every configuration)
-    python benchmark.py --random_init --nproc_per_node 8 --strategies full,frozen,lora,qlora --flash both
-    # one GPU
-    python benchmark.py --random_init --strategies full,frozen,lora,qlora --flash both
+    # one GPU, the defaults: full, frozen, LoRA, QLoRA; flash attention where it runs; global batch 16,
+    # 1 untimed + 3 timed optimizer steps (a few minutes per configuration at most)
+    python benchmark.py --random_init
+    # like the recipe's table: one node with 8 GPUs, global batch 64, with and without flash attention
+    python benchmark.py --random_init --nproc_per_node 8 --batch_size 64 --steps 5 --flash both
     # CPU smoke test with the tiny model (the tests run this with --flash both: flash rows give their reason)
     OMP_NUM_THREADS=1 python benchmark.py --tiny --num_crops 1 --batch_size 1 --dataloader_num_workers 0 \
         --strategies full,lora --flash off --steps 2 --warmup_steps 1
@@ -78,14 +79,15 @@ def _page_size(text: str) -> tuple[int, int]:
 
 def build_benchmark_parser() -> argparse.ArgumentParser:
     """The scripts' parser (DocVQA defaults: num_crops 16; the recipe's global batch 64, bf16) plus benchmark flags."""
-    parser = build_parser(__doc__, num_crops=16, batch_size=64, warmup_steps=2, bf16=True, output_dir="output/benchmark",
+    parser = build_parser(__doc__, num_crops=16, batch_size=16, warmup_steps=1, bf16=True, output_dir="output/benchmark",
                           dataloader_num_workers=None)
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--strategies", default=DEFAULT_STRATEGIES,
                        help=f"comma-separated, from {', '.join(STRATEGIES)} (default {DEFAULT_STRATEGIES})")
-    bench.add_argument("--flash", choices=["both", "on", "off"], default="both",
-                       help="with and/or without flash attention (--use_flash_attention)")
-    bench.add_argument("--steps", type=int, default=5,
+    bench.add_argument("--flash", choices=["auto", "both", "on", "off"], default="auto",
+                       help="with and/or without flash attention (--use_flash_attention); auto: with it where it "
+                            "can run (Ampere+ GPU, flash-attn installed), else without")
+    bench.add_argument("--steps", type=int, default=3,
                        help="timed optimizer steps, after --warmup_steps untimed ones (which also set the LR warm-up)")
     model = bench.add_mutually_exclusive_group()
     model.add_argument("--tiny", action="store_true", help="the tiny random model (CPU smoke test)")
@@ -98,8 +100,8 @@ def build_benchmark_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache_dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "phi35v_benchmark"),
                        help="where the random-init/tiny model and the page images are written once")
     bench.add_argument("--page_size", type=_page_size, default=(1700, 2200), help="synthetic page WIDTHxHEIGHT")
-    bench.add_argument("--num_pages", type=int, default=8, help="distinct synthetic pages, cycled over")
-    bench.add_argument("--data_samples", type=int, default=8, help="samples for the data-path timing (0: skip)")
+    bench.add_argument("--num_pages", type=int, default=4, help="distinct synthetic pages, cycled over")
+    bench.add_argument("--data_samples", type=int, default=4, help="samples for the data-path timing (0: skip)")
     bench.add_argument("--prefetch_factor", type=int, default=None,
                        help="batches prefetched per data-loader worker (default: the scripts' value, an "
                             "optimizer step ahead up to 8)")

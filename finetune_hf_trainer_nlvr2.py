@@ -25,7 +25,9 @@ TASK = Task("NLVR2", ACCURACY, lambda data, _: load_cauldron_splits("nlvr2", dat
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    return run_finetuning(TASK, resolve_run_config(build_parser(__doc__, num_crops=4).parse_args(argv)))
+    args = build_parser(__doc__, num_crops=4).parse_args(argv)
+    args.bf16 = args.bf16 or args.use_flash_attention  # as the recipe's NLVR2 script: flash attention turns bf16 on
+    return run_finetuning(TASK, resolve_run_config(args))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     if not args.data_dir:
         parser.error("--data_dir is required: the output folder of convert_ucf101.py")
+    args.bf16 = args.bf16 or args.use_flash_attention  # as the recipe's UCF-101 script: flash attention turns bf16 on
     return run_finetuning(TASK, resolve_run_config(args))
 
 

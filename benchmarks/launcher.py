@@ -24,15 +24,28 @@ from common.strategy import STRATEGIES
 ENTRY_POINT = REPO / "benchmark.py"  # the workers run the same command line with --worker
 
 
+def flash_refusal(args) -> str | None:
+    """Why flash attention cannot run here (no CUDA, pre-Ampere GPU, no flash-attn), or None."""
+    try:
+        resolve_precision(args.bf16, True)
+    except UsageError as error:
+        return error_reason(error)
+    return None
+
+
+def flash_settings(args) -> list[bool]:
+    """--flash as the configurations to run; auto: flash attention where it can run, SDPA otherwise."""
+    if args.flash == "auto":
+        return [flash_refusal(args) is None]
+    return {"both": [False, True], "on": [True], "off": [False]}[args.flash]
+
+
 def precheck(args, strategy: str, flash: bool) -> str | None:
     """Why a configuration cannot run on this machine, found without starting it (None: try it)."""
     if strategy not in STRATEGIES:
         return f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}"
-    if flash:
-        try:
-            resolve_precision(args.bf16, True)
-        except UsageError as error:
-            return error_reason(error)
+    if flash and (refusal := flash_refusal(args)) is not None:
+        return refusal
     if STRATEGIES[strategy].quantize_4bit and importlib.util.find_spec("bitsandbytes") is None:
         return "QLoRA needs the bitsandbytes package (pip install bitsandbytes)"
     return None
@@ -134,7 +147,7 @@ def measure_data_path(args, model_path: str, pages: list[Path]) -> dict:
 def run_all(args, argv: list[str]) -> dict:
     """Every configuration of --strategies x --flash, one after the other, and the report (rewritten after each)."""
     strategies = [s for s in args.strategies.split(",") if s]
-    flashes = {"both": [False, True], "on": [True], "off": [False]}[args.flash]
+    flashes = flash_settings(args)
     if args.dataloader_num_workers is None:
         args.dataloader_num_workers = auto_workers(args.nproc_per_node)
     model_path, pages = prepare_assets(args)

@@ -9,6 +9,7 @@ every problem, before any model or data is loaded.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from dataclasses import fields
@@ -139,6 +140,24 @@ def _from_flags(piece: type, args: argparse.Namespace, **resolved):
     return piece(**{f.name: resolved[f.name] if f.name in resolved else getattr(args, f.name) for f in fields(piece)})
 
 
+def deepspeed_config_problems(path: str) -> list[str]:
+    """What makes a --deepspeed config unusable here. ZeRO-3 is refused: it shards the weights themselves, so
+    evaluation by generation would need synced generation across ranks (which hangs when shards differ in
+    length) and saving would need the stage-3 gather; the recipe trains with ZeRO-2."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return [f"--deepspeed {path} is not a readable JSON file: {error}"]
+    stage = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else None
+    if stage == 3:
+        return [
+            f"--deepspeed {path} asks for ZeRO stage 3, which is not supported: ZeRO-3 shards the weights, so "
+            "evaluation would need synced generation (it hangs when ranks hold different numbers of samples) and "
+            "saving a stage-3 gather; use ZeRO-2 (ds_configs/zero2.json, the recipe's) or stage 0/1"
+        ]
+    return []
+
+
 def _problems(args: argparse.Namespace, processes: int) -> list[str]:
     problems = []
     if not 1 <= args.num_crops <= 16:
@@ -178,6 +197,8 @@ def _problems(args: argparse.Namespace, processes: int) -> list[str]:
         path = getattr(args, flag)
         if path and not os.path.exists(path):
             problems.append(f"--{flag} {path} does not exist")
+    if args.deepspeed and os.path.isfile(args.deepspeed):
+        problems.extend(deepspeed_config_problems(args.deepspeed))
     if (
         args.resume_from_checkpoint not in (None, RESUME_LATEST)
         and not os.path.isdir(args.resume_from_checkpoint)

@@ -39,6 +39,12 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_local_rank() -> int:
+    """This process's GPU index on its node as the launcher assigned it (0 for `python SCRIPT`); for checks that
+    run before `start_distributed` (the GPU's capabilities while the flags are resolved)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def start_distributed(uses_deepspeed: bool) -> Distributed:
     """Prepare this process for the Trainer and return its place in the run.
 

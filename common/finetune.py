@@ -21,7 +21,7 @@ import torch
 from transformers import AutoProcessor, TrainingArguments, set_seed
 
 from .arguments import RESUME_LATEST
-from .checkpoints import ResumableTrainer, check_complete, newest_complete_checkpoint
+from .checkpoints import check_complete, newest_complete_checkpoint
 from .collators import Phi3VTrainCollator
 from .config import DataConfig, EvaluationConfig, LoraSettings, ModelConfig, OutputConfig, RunConfig
 from .data import SampleDataset, load_conversation_splits
@@ -34,6 +34,7 @@ from .plotting import plot_training_curves
 from .precision import Precision
 from .preemption import Interrupted, PreemptionCallback, StopSignals, report_and_exit, resume_command
 from .strategy import TrainingStrategy, build_model, load_model
+from .trainer import FinetuningTrainer, release_training_state
 from .training_arguments import training_arguments
 
 logger = logging.getLogger(__name__)
@@ -93,15 +94,12 @@ def load_processor_and_model(
             f"cannot load --model_name_or_path {model_config.name_or_path} ({first_line}); give the folder of a "
             "downloaded checkpoint, or a hub model id with hub access"
         ) from error
-    model = build_model(model_config.name_or_path, strategy, lora, precision, device)
-    if not strategy.quantize_4bit:  # bitsandbytes already placed the 4-bit model
-        model.to(device)
-    return processor, model
+    return processor, build_model(model_config.name_or_path, strategy, lora, precision, device)
 
 
 def make_trainer(model, processor, train_args: TrainingArguments, dataset, max_length: int | None,
-                 keep_checkpoints: int | None = None, callbacks=()) -> ResumableTrainer:
-    return ResumableTrainer(
+                 keep_checkpoints: int | None = None, callbacks=()) -> FinetuningTrainer:
+    return FinetuningTrainer(
         model=model,
         args=train_args,
         data_collator=Phi3VTrainCollator(processor, max_length),
@@ -236,7 +234,9 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
         config.training, outputs, strategy, precision, distributed, train_dataset.has_text_only_samples()
     )
     setup_logging(distributed)
-    logger.info("%s with %s on %d process(es), %s", task.name, strategy.name, distributed.world_size, precision)
+    logger.info(
+        "%s with %s on %d process(es), %s", task.name, strategy.name, distributed.world_size, precision.describe()
+    )
     identity = run_identity(task, config)
     checkpoint = resolve_checkpoint(outputs, identity, distributed)
     # --seed also fixes what is drawn before the Trainer seeds itself (the LoRA initialisation): a run started
@@ -253,9 +253,10 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
     try:
         if not evaluation.skip_before:
             signals.activity = "the evaluation before training"
-            results["before"] = _evaluation_before(
-                model, processor, task, eval_dataset, identity, output_dir, evaluation, distributed, written
-            )
+            with precision.autocast(distributed.device):
+                results["before"] = _evaluation_before(
+                    model, processor, task, eval_dataset, identity, output_dir, evaluation, distributed, written
+                )
         written.append(RUN_FILE)
         _record_run(output_dir, identity, distributed)
         signals.activity = "the set-up of training"
@@ -279,21 +280,19 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
     trainer.accelerator.wait_for_everyone()
 
+    model = release_training_state(trainer)
+    del trainer
     if strategy.lora:
         # Reload the saved adapter onto a fresh base, as users load it; free the trained copy first.
-        trainer.accelerator.free_memory()
-        del model, trainer
+        del model
         gc.collect()
         torch.cuda.empty_cache()
-        model = load_model(
-            config.model.name_or_path, precision, adapter_path=outputs.output_dir, dtype=precision.compute_dtype
-        ).to(distributed.device)
-    else:
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        model = load_model(config.model.name_or_path, precision, distributed.device, adapter_path=outputs.output_dir)
     signals.activity = "the evaluation after training"
-    results["after"] = _evaluate_and_report(
-        model, processor, task, eval_dataset, output_dir / "eval_after.json", "after", evaluation, distributed
-    )
+    with precision.autocast(distributed.device):
+        results["after"] = _evaluate_and_report(
+            model, processor, task, eval_dataset, output_dir / "eval_after.json", "after", evaluation, distributed
+        )
     if outputs.merge and distributed.is_main:
         _write_merged(model, processor, output_dir)
     return results

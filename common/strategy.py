@@ -106,22 +106,19 @@ def lora_config(
 def load_model(
     model_name_or_path: str,
     precision: Precision,
+    device: torch.device | str,
     quantization: BitsAndBytesConfig | None = None,
     adapter_path: str | None = None,
-    dtype: torch.dtype | None = None,
-    device: torch.device | None = None,
 ) -> PreTrainedModel:
     """Load an official-format checkpoint (and optionally a LoRA adapter on top) with our native code, in
-    `precision.load_dtype` unless `dtype` says otherwise. bitsandbytes places a 4-bit model itself, on `device`."""
-    device_map = None
-    if quantization is not None and device is not None and device.type == "cuda":
-        device_map = {"": device.index or 0}
+    `precision.load_dtype`, straight onto `device`: the weights never sit in host memory all at once (without
+    a device map every rank of a node would hold a full fp32 copy in RAM, ~16.6 GB each, before moving it)."""
     model = AutoModelForCausalLM.from_pretrained(
         model_name_or_path,
-        dtype=dtype or precision.load_dtype,
+        dtype=precision.load_dtype,
         attn_implementation=precision.attn_implementation,
         quantization_config=quantization,
-        device_map=device_map,
+        device_map={"": torch.device(device)},
     )
     if adapter_path is not None:
         model = PeftModel.from_pretrained(model, adapter_path)
@@ -143,12 +140,10 @@ def build_model(
     strategy: TrainingStrategy,
     lora: LoraSettings,
     precision: Precision,
-    device: torch.device | None = None,
+    device: torch.device | str,
 ) -> PreTrainedModel:
-    """Load the base model and make exactly the strategy's parameters trainable."""
-    model = load_model(
-        model_name_or_path, precision, quantization_config(strategy, precision.compute_dtype), device=device
-    )
+    """Load the base model onto `device` and make exactly the strategy's parameters trainable."""
+    model = load_model(model_name_or_path, precision, device, quantization_config(strategy, precision.compute_dtype))
     model.config.use_cache = False  # the KV cache is useless with gradient checkpointing
     if strategy.quantize_4bit:
         _keep_4bit_layout_trainable(model)
@@ -160,16 +155,29 @@ def build_model(
         model = get_peft_model(model, adapters)
         model.get_base_model().trim_unused_vision_layers()  # never computed: saves the work, and DDP's checks
     if strategy.freeze_vision:
-        vision = model.get_base_model() if isinstance(model, PeftModel) else model
-        vision.model.vision_embed_tokens.requires_grad_(False)
+        freeze_image_embedding(model.get_base_model() if isinstance(model, PeftModel) else model)
     trainable, total = parameter_counts(model)
     logger.info("%s: %s of %s parameters trainable", strategy.name, f"{trainable:,}", f"{total:,}")
     return model
 
 
+def freeze_image_embedding(model: PreTrainedModel) -> None:
+    """The recipe's `--freeze_vision_model`: `requires_grad_(False)` on the original model's image-embedding
+    module, which holds the CLIP tower, the separators, the projection and the token-embedding table it
+    shares with the decoder. Our model keeps that table at `model.embed_tokens`, so it is frozen by name."""
+    model.model.vision_embed_tokens.requires_grad_(False)
+    model.model.embed_tokens.requires_grad_(False)
+
+
+def _stored_numel(parameter: torch.Tensor) -> int:
+    """Parameters in a tensor; a bitsandbytes 4-bit weight stores two per byte, its quant state knows the shape."""
+    quant_state = getattr(parameter, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else parameter.numel()
+
+
 def parameter_counts(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """(trainable, total) parameter counts, 4-bit weights counted as the weights they quantize."""
     return (
-        sum(p.numel() for p in model.parameters() if p.requires_grad),
-        sum(p.numel() for p in model.parameters()),
+        sum(_stored_numel(p) for p in model.parameters() if p.requires_grad),
+        sum(_stored_numel(p) for p in model.parameters()),
     )

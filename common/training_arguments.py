@@ -74,5 +74,6 @@ def training_arguments(
         dataloader_prefetch_factor=(prefetch_factor if workers else None) or _prefetch_factor(accumulation, workers),
         ddp_find_unused_parameters=strategy.lora and has_text_only_samples,
         seed=training.seed,
+        logging_nan_inf_filter=False,  # a NaN/inf loss stops the run (FinetuningTrainer); never log it as the mean
         accelerator_config={"use_configured_state": True} if distributed.accelerate_state_configured else None,
     )

@@ -105,7 +105,13 @@ class Phi3VConfig(Phi3Config):
         if rope_scaling and rope_scaling.get("type", rope_scaling.get("rope_type")) == "su":
             rope_scaling = {k: v for k, v in rope_scaling.items() if k != "type"}
             kwargs["rope_scaling"] = {**rope_scaling, "rope_type": "longrope"}
-        return super().convert_rope_params_to_dict(default_theta=default_theta, ignore_keys=ignore_keys, **kwargs)
+        kwargs = super().convert_rope_params_to_dict(default_theta=default_theta, ignore_keys=ignore_keys, **kwargs)
+        rope = self.rope_parameters
+        if rope.get("rope_type") == "longrope" and rope.get("factor") is None and rope.get("original_max_position_embeddings"):
+            # The factor the longrope code derives from the two lengths anyway, stated explicitly: without it
+            # transformers warns at every config load. Not written back (the official format has no factor).
+            rope["factor"] = self.max_position_embeddings / rope["original_max_position_embeddings"]
+        return kwargs
 
     def _validate_image_embedding(self) -> None:
         problems = []
@@ -151,6 +157,12 @@ class Phi3VConfig(Phi3Config):
         default_tower.pop("transformers_version")
         if output.get("vision_config") == default_tower:
             output.pop("vision_config")
+        return output
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """config.json also names the dtype `torch_dtype`, as the official files do (added after the diff, which
+        reads every key back as an attribute and would trip over the deprecated alias)."""
+        output = super().to_diff_dict()
         if "dtype" in output:
             output["torch_dtype"] = output["dtype"]
         return output

@@ -66,7 +66,7 @@ class Phi3VImageEmbedding(nn.Module):
         self._check_sizes(pixel_values, grids)
         # Only the global view and the real crops go through CLIP; the zero padding crops never matter.
         crops = torch.cat([pixel_values[i, : 1 + rows * cols] for i, (rows, cols) in enumerate(grids)])
-        features = self.img_processor(crops.to(self._tower_dtype()), self.feature_layer)
+        features = self._tower_features(crops)
         per_image = torch.split(features, [1 + rows * cols for rows, cols in grids])
         tokens = [
             self._hd_layout(image_features, rows, cols)
@@ -86,8 +86,14 @@ class Phi3VImageEmbedding(nn.Module):
                     f"{1 + rows * cols} crops, pixel_values have room for {pixel_values.shape[1]}"
                 )
 
-    def _tower_dtype(self) -> torch.dtype:
-        return self.img_processor.vision_model.embeddings.patch_embedding.weight.dtype
+    def _tower_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """CLIP features of the crops. A frozen tower runs without autograd: activation checkpointing makes
+        every sub-model's input embeddings require grad (CLIP's patch embedding included), which would
+        otherwise recompute and backpropagate all CLIP layers for no trainable parameter."""
+        patch_embedding = self.img_processor.vision_model.embeddings.patch_embedding
+        tower_trains = any(parameter.requires_grad for parameter in self.img_processor.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
+            return self.img_processor(crops.to(patch_embedding.weight.dtype), self.feature_layer)
 
     def _hd_layout(self, features: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         """features (1 + rows*cols, P*P, C) of one image -> (num_img_tokens, 4C) token sequence."""
@@ -248,7 +254,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -268,7 +274,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,

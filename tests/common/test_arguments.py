@@ -230,6 +230,27 @@ def test_missing_deepspeed_config_is_rejected(tmp_path):
     assert f"--deepspeed {missing} does not exist" in problems_of("--deepspeed", str(missing))
 
 
+def test_zero3_config_is_refused_up_front_with_the_reason(tmp_path):
+    config = tmp_path / "zero3.json"
+    config.write_text('{"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}')
+    message = problems_of("--deepspeed", str(config))
+    assert f"--deepspeed {config} asks for ZeRO stage 3" in message
+    assert "synced generation" in message and "ZeRO-2" in message
+
+
+def test_shipped_zero2_config_is_accepted():
+    from common.training_arguments import DEFAULT_DEEPSPEED_CONFIG
+
+    config = validated("--deepspeed", str(DEFAULT_DEEPSPEED_CONFIG))
+    assert config.training.deepspeed_config == str(DEFAULT_DEEPSPEED_CONFIG)
+
+
+def test_unreadable_deepspeed_config_is_rejected(tmp_path):
+    config = tmp_path / "broken.json"
+    config.write_text('{"zero_optimization": ')
+    assert f"--deepspeed {config} is not a readable JSON file" in problems_of("--deepspeed", str(config))
+
+
 def test_dataset_path_and_data_dir_are_exclusive(tmp_path):
     message = problems_of("--dataset_path", str(tmp_path), "--data_dir", str(tmp_path))
     assert "either --dataset_path" in message

@@ -631,7 +631,7 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(ref, frozen_base):
     loss, grads, calls = _loss_and_grads(model, inputs)
     assert calls == 1
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
     checkpointed_loss, checkpointed_grads, checkpointed_calls = _loss_and_grads(model, inputs)
     assert checkpointed_calls == 2, "the decoder layers were not recomputed: checkpointing is not active"
@@ -645,6 +645,34 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(ref, frozen_base):
         assert any(name.startswith("model.layers.") for name in grads)
         assert any(".vision_model.encoder.layers.0." in name for name in grads)
     assert all(grad.abs().sum() > 0 for grad in grads.values())
+
+
+def test_frozen_vision_tower_runs_without_autograd_under_checkpointing(ref):
+    """Checkpointing hooks CLIP's patch embedding to output a tensor requiring grad (as the Trainer does):
+    a frozen tower must still build no graph, so its layers are neither recomputed nor backpropagated."""
+    model = load_model(ref.model_dir, "sdpa")
+    model.model.vision_embed_tokens.requires_grad_(False)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    clip_layers = model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers
+    runs, outputs_needing_grad = [], []
+
+    def record(module, args, output):
+        runs.append(module)
+        hidden = output[0] if isinstance(output, tuple) else output
+        outputs_needing_grad.append(hidden.requires_grad)
+
+    hooks = [layer.register_forward_hook(record) for layer in clip_layers]
+    try:
+        loss = model(**ref.training_inputs(ref.case_with_images(1))).loss
+        loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(runs) == len(clip_layers), "CLIP layers were recomputed in the backward pass"
+    assert not any(outputs_needing_grad), "a frozen CLIP layer took part in autograd"
+    assert all(p.grad is None for p in model.model.vision_embed_tokens.parameters())
+    assert model.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0  # the decoder still trains
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from transformers import AutoProcessor
 from common.collators import Phi3VTrainCollator
 from common.config import LoraSettings
 from common.data import Sample, Turn
-from common.precision import resolve_precision
+from common.precision import NO_GPU, Precision, resolve_precision
 from common.strategy import (
     LANGUAGE_LORA_TARGETS,
     STRATEGIES,
@@ -19,6 +19,7 @@ from common.strategy import (
     build_model,
     load_model,
     lora_config,
+    parameter_counts,
     quantization_config,
 )
 
@@ -129,7 +130,7 @@ def test_lora_alpha_is_rank_times_ratio_rounded(rank, ratio, alpha):
 
 @pytest.fixture(scope="module")
 def precision():
-    return resolve_precision(False, False, cuda_available=False)
+    return resolve_precision(False, False, NO_GPU)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,7 @@ def processor(tiny_model_dir):
 
 def build(tiny_model_dir, precision, **strategy_flags):
     strategy = TrainingStrategy.from_flags(**flags(**strategy_flags))
-    return build_model(str(tiny_model_dir), strategy, LoraSettings(rank=4, alpha_ratio=2, dropout=0.0), precision)
+    return build_model(str(tiny_model_dir), strategy, LoraSettings(rank=4, alpha_ratio=2, dropout=0.0), precision, "cpu")
 
 
 def trainable(model) -> set[str]:
@@ -180,13 +181,70 @@ def test_full_finetuning_trains_every_weight(tiny_model_dir, precision):
     assert len(clip_of(model).encoder.layers) == 2  # untrimmed: ZeRO copes with gradient-less parameters
 
 
-def test_frozen_vision_freezes_exactly_the_image_embedding(tiny_model_dir, precision):
+def test_frozen_vision_freezes_the_recipes_image_embedding_module(tiny_model_dir, precision):
+    """The recipe freezes the original's `vision_embed_tokens`, which holds the token-embedding table too."""
     model = build(tiny_model_dir, precision, freeze_vision_model=True)
     names = {name for name, _ in model.named_parameters()}
-    vision = {name for name in names if name.startswith(VISION)}
-    assert vision and frozen(model) == vision
-    assert trainable(model) == names - vision
-    assert {"model.embed_tokens.weight", "lm_head.weight"} <= trainable(model)
+    image_embedding = {name for name in names if name.startswith(VISION)} | {"model.embed_tokens.weight"}
+    assert any(".vision_model." in name for name in image_embedding)
+    assert {VISION + "glb_GN", VISION + "sub_GN", VISION + "img_projection.0.weight"} <= image_embedding
+    assert frozen(model) == image_embedding
+    assert trainable(model) == names - image_embedding
+    assert "lm_head.weight" in trainable(model)
+    embed = model.model.embed_tokens.weight.numel()
+    trainable_count, total = parameter_counts(model)
+    assert trainable_count == total - embed - sum(
+        p.numel() for p in model.model.vision_embed_tokens.parameters()
+    )
+
+
+@pytest.mark.parametrize(
+    "strategy_flags",
+    [{}, {"freeze_vision_model": True}, {"use_lora": True}, {"use_lora": True, "freeze_vision_model": True},
+     {"use_qlora": True}],
+    ids=["full", "frozen_vision", "lora", "lora_frozen_vision", "qlora"],
+)
+def test_every_strategy_loads_straight_onto_its_device_in_the_load_dtype(
+    tiny_model_dir, strategy_flags, monkeypatch
+):
+    """No host-RAM copy per rank: from_pretrained places the weights itself (device_map) in the load dtype."""
+    from transformers import AutoModelForCausalLM
+
+    if strategy_flags.get("use_qlora"):
+        pytest.importorskip("bitsandbytes")
+    calls = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    precision = Precision(torch.float32, bf16=False, fp16=False, attn_implementation="sdpa", compute_dtype=torch.float32)
+    strategy = TrainingStrategy.from_flags(**flags(**strategy_flags))
+    model = build_model(str(tiny_model_dir), strategy, LoraSettings(4, 2, 0.0), precision, torch.device("cpu"))
+    assert len(calls) == 1
+    assert calls[0]["device_map"] == {"": torch.device("cpu")}
+    assert calls[0]["dtype"] == torch.float32
+    assert {p.device for p in model.parameters()} == {torch.device("cpu")}
+
+
+def test_the_lora_reload_loads_onto_the_device_in_the_load_dtype(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    trained = build(tiny_model_dir, resolve_precision(False, False, NO_GPU), use_lora=True)
+    trained.save_pretrained(tmp_path)
+    calls = []
+    real = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: calls.append(k) or real(*a, **k))
+    # bf16 + flash loads bf16 weights; bf16 alone fp32 (autocast): the reload follows the same rule
+    for precision, dtype in (
+        (Precision(torch.bfloat16, True, False, "sdpa", torch.bfloat16), torch.bfloat16),
+        (Precision(torch.float32, True, False, "sdpa", torch.float16), torch.float32),
+    ):
+        reloaded = load_model(str(tiny_model_dir), precision, "cpu", adapter_path=str(tmp_path))
+        assert calls[-1]["dtype"] == dtype and calls[-1]["device_map"] == {"": torch.device("cpu")}
+        assert reloaded.get_base_model().model.embed_tokens.weight.dtype == dtype
 
 
 def test_lora_trains_only_adapters_on_the_recipes_modules(tiny_model_dir, precision):
@@ -223,7 +281,7 @@ def test_lora_adapter_reloads_onto_a_complete_base_without_missing_keys(tiny_mod
     trained.save_pretrained(tmp_path)
     with caplog.at_level("WARNING"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        reloaded = PeftModel.from_pretrained(load_model(str(tiny_model_dir), precision), tmp_path)
+        reloaded = PeftModel.from_pretrained(load_model(str(tiny_model_dir), precision, "cpu"), tmp_path)
     messages = [str(w.message) for w in caught] + [record.getMessage() for record in caplog.records]
     assert not [m for m in messages if "missing" in m.lower()], messages
     assert len(clip_of(reloaded).encoder.layers) == 2  # the base keeps every layer
@@ -270,6 +328,14 @@ def test_qlora_quantizes_the_base_and_trains_only_adapters(qlora_model):
             assert f"model.layers.{layer}.{name}.base_layer" in four_bit
     assert VISION + "img_processor.vision_model.encoder.layers.0.mlp.fc1.base_layer" in four_bit
     assert trainable(qlora_model) and all(".lora_" in name for name in trainable(qlora_model))
+
+
+def test_qlora_counts_the_weights_its_4bit_storage_quantizes(qlora_model, tiny_model_dir, precision):
+    """bitsandbytes packs two 4-bit values per stored element: the count is of the model's real weights."""
+    plain = build(tiny_model_dir, precision, use_lora=True)
+    assert parameter_counts(qlora_model) == parameter_counts(plain)
+    packed = sum(p.numel() for p in qlora_model.parameters())
+    assert parameter_counts(qlora_model)[1] > packed
 
 
 def test_qlora_text_forward_backward_on_cpu(qlora_model, processor):

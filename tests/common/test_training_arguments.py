@@ -30,6 +30,7 @@ def test_the_recipes_hyperparameters(tmp_path):
     assert train_args.activation_checkpointing and train_args.activation_checkpointing_kwargs == {"use_reentrant": False}
     assert train_args.deepspeed is None  # adapters train under DDP
     assert train_args.logging_first_step  # every run's curve picture has a point
+    assert train_args.logging_nan_inf_filter is False  # a NaN loss stops the run; never logged as the mean
 
 
 @pytest.mark.parametrize("world, per_gpu, accumulation", [(1, 1, 16), (4, 1, 4), (4, 2, 2), (2, 8, 1)])

@@ -1,0 +1,72 @@
+"""The Trainer of every run: the resumable Trainer (common/checkpoints.py), stopped by a non-finite loss, and
+its training state released before the final evaluation.
+
+A NaN/inf loss never recovers: fp16 overflow in the forward pass or a too-high learning rate. The Trainer
+would log it as the running mean (0.0 when the first steps overflow) and carry on; here the run stops at
+that step with the advice. After training, full finetuning would otherwise keep DeepSpeed's engine, its
+fp32 master weights, Adam moments and gradient buffers (~50 GB on one GPU for Phi-3.5-vision) allocated
+through the evaluation that follows.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import torch
+from transformers import Trainer
+
+from .checkpoints import ResumableTrainer
+
+DEEPSPEED_MODULE_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check")
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite (a user-facing stop: exit 1 with the message)."""
+
+
+class FinetuningTrainer(ResumableTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if model.training and not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(self._non_finite_message(loss.detach().float().sum().item()))
+        return result
+
+    def _non_finite_message(self, value: float) -> str:
+        step = self.state.global_step + 1
+        total = f" of {self.state.max_steps}" if self.state.max_steps > 0 else ""
+        mode = "fp16 mixed precision" if self.args.fp16 else "bf16" if self.args.bf16 else "fp32"
+        advice = "train with --bf16 (Ampere or newer GPUs) or a lower --learning_rate" if self.args.fp16 else (
+            "train with a lower --learning_rate"
+        )
+        kind = "NaN" if math.isnan(value) else "infinite"
+        return (
+            f"the training loss became {kind} at optimizer step {step}{total} ({mode}, learning rate "
+            f"{self.args.learning_rate:g}): the numbers overflowed or diverged and the run cannot recover; {advice}"
+        )
+
+
+def release_training_state(trainer: Trainer) -> torch.nn.Module:
+    """Free what only training needs — the DeepSpeed engine (its hooks, fp32 master weights, optimizer state
+    and gradient buffers), the optimizer, the scheduler and the gradients — and return the bare model.
+    The trainer must not be used for training afterwards."""
+    wrapper = trainer.model_wrapped
+    model = trainer.accelerator.unwrap_model(wrapper, keep_fp32_wrapper=False)
+    trainer.accelerator.free_memory()  # destroys the DeepSpeed engine, drops accelerate's references
+    # DeepSpeed's destroy() leaves the engine's hooks on the module, which keep the engine (and through it
+    # the ZeRO optimizer) alive as long as the model.
+    for hook in DEEPSPEED_MODULE_HOOKS:
+        if (handle := getattr(wrapper, hook, None)) is not None:
+            handle.remove()
+    del wrapper
+    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.callback_handler.optimizer = trainer.callback_handler.lr_scheduler = None
+    trainer.model_wrapped = trainer.model = trainer.callback_handler.model = model
+    if hasattr(trainer, "deepspeed"):
+        trainer.deepspeed = None
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return model

@@ -1,0 +1,97 @@
+"""scripts/gpu_check.sh: its CPU dry run goes through every stage (the GPU tests skip, a tiny benchmark trains)
+and writes the report; the report's reading of test results and its verdict."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from benchmarks.gpu_check import parse_step, read_test_results, render_markdown, verdict
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("gpu_check")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([str(REPO / "scripts" / "gpu_check.sh"), "--dry-run", "--out", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {"out": out, "json": json.loads((out / "gpu_check.json").read_text()),
+            "md": (out / "gpu_check.md").read_text(), "stdout": done.stdout}
+
+
+def test_dry_run_report_has_every_stage(dry_run):
+    report = dry_run["json"]
+    assert report["mode"] == "dry-run" and report["device"]["cuda"] is False
+    assert {"python", "torch", "transformers", "deepspeed", "peft", "accelerate"} <= set(report["versions"])
+    steps = {step["name"]: step for step in report["setup"]}
+    assert steps["environment"]["status"] == "ok"
+    assert steps["gpu-tests"]["status"] == "ok" and steps["benchmark"]["status"] == "ok"
+    assert all(isinstance(step["seconds"], int) for step in report["setup"])
+
+
+def test_dry_run_collects_the_gpu_tests_which_skip_without_cuda(dry_run):
+    tests = dry_run["json"]["tests"]
+    assert tests["ran"] and tests["counts"]["skipped"] == len(tests["tests"]) >= 10
+    assert not tests["counts"]["failed"] and not tests["counts"]["error"]
+    names = {test["name"] for test in tests["tests"]}
+    assert any(name.startswith("test_flash_matches_sdpa_on_a_padded_batch") for name in names)
+    assert any(name.startswith("test_qlora_trains_with_finite_loss") for name in names)
+    reasons = {test["name"]: test["message"] for test in tests["tests"]}
+    assert reasons["test_bf16_logits_track_fp32_reference"] == "needs a CUDA GPU"
+    assert all(reason in ("needs a CUDA GPU", "needs the flash-attn package", "needs two GPUs")
+               for reason in reasons.values())
+
+
+def test_dry_run_benchmark_row_is_measured(dry_run):
+    rows = dry_run["json"]["benchmark"]["rows"]
+    assert [(row["method"], row["status"]) for row in rows] == [("LoRA", "ok")]
+    assert rows[0]["images_per_s"] > 0 and rows[0]["mfu"] is None  # no GPU: no utilisation figure
+    assert dry_run["json"]["verdict"] == "pass"
+
+
+def test_dry_run_markdown(dry_run):
+    md = dry_run["md"]
+    assert md.startswith("# GPU check (dry-run): PASS")
+    assert "| environment | ok |" in md and "| LoRA | no | ok |" in md
+    assert "## GPU tests (`pytest -m gpu`)" in md and "skipped" in md
+    assert md in dry_run["stdout"]
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="tests.test_gpu" name="test_a" time="1.0"/>
+<testcase classname="tests.test_gpu" name="test_b" time="1.0"><failure message="assert 1 == 2">trace</failure></testcase>
+<testcase classname="tests.test_gpu" name="test_c" time="0.0"><skipped message="needs the flash-attn package"/></testcase>
+</testsuite></testsuites>"""
+
+
+def test_test_results_and_verdict(tmp_path):
+    (tmp_path / "gpu_tests.xml").write_text(JUNIT)
+    tests = read_test_results(tmp_path / "gpu_tests.xml")
+    assert tests["counts"] == {"passed": 1, "failed": 1, "error": 0, "skipped": 1}
+    assert tests["tests"][1] == {"name": "test_b", "outcome": "failed", "message": "assert 1 == 2"}
+    steps = [parse_step("environment=ok:95"), parse_step("flash-attn=not installed:3:no wheel")]
+    assert steps[1] == {"name": "flash-attn", "status": "not installed", "seconds": 3, "detail": "no wheel"}
+    bench = {"ran": True, "rows": [{"status": "ok"}]}
+    assert verdict(steps, tests, bench) == "fail"  # a failed test
+    passing = {**tests, "counts": {"passed": 1, "failed": 0, "error": 0, "skipped": 1}}
+    assert verdict(steps, passing, bench) == "pass"  # flash-attn is optional
+    assert verdict(steps, passing, {"ran": True, "rows": [{"status": "error"}]}) == "fail"
+    assert verdict(steps, read_test_results(tmp_path / "missing.xml"), bench) == "fail"  # tests not run
+
+
+def test_markdown_never_invents_figures():
+    report = {"mode": "gpu", "verdict": "fail", "date": "d", "versions": {"torch": "x"}, "setup": [],
+              "device": {"cuda": False, "name": "CPU (no CUDA GPU)", "count": 0},
+              "tests": {"ran": False, "counts": {}, "tests": []},
+              "benchmark": {"ran": True, "model": "m", "rows": [
+                  {"method": "QLoRA", "flash_attention": True, "status": "error", "reason": "CUDA out of memory"}]}}
+    md = render_markdown(report)
+    assert "| QLoRA | yes | error | n/a | n/a | n/a | n/a | CUDA out of memory |" in md
+    assert "Not run." in md
