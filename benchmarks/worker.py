@@ -188,7 +188,7 @@ def run_worker(args) -> int:
     if strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     distributed = start_distributed(STRATEGIES[strategy].uses_deepspeed)
-    setup_logging(distributed)
+    setup_logging(distributed, args.verbose)
     result = Path(args.worker_result or Path(args.output_dir) / "rows" / f"{config_name(strategy, flash)}.json")
     row = base_row(args, strategy, flash)
     code = 0

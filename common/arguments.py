@@ -77,6 +77,8 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     train.add_argument("--dataloader_num_workers", type=int, default=4, help="data loading worker processes")
     train.add_argument("--logging_steps", type=int, default=10, help="log loss and learning rate every N steps")
     train.add_argument("--no-tqdm", dest="tqdm", action="store_false", help="disable progress bars")
+    train.add_argument("--verbose", action="store_true",
+                       help="also show the libraries' log lines and warnings (default: only this project's lines)")
 
     data = parser.add_argument_group("data and evaluation")
     data.add_argument("--dataset_path", default=None,
@@ -132,6 +134,7 @@ def resolve_run_config(
         ),
         outputs=_from_flags(OutputConfig, args),
         task_options=_from_flags(task_options, args) if task_options else None,
+        verbose=args.verbose,
     )
 
 

@@ -84,3 +84,4 @@ class RunConfig:
     evaluation: EvaluationConfig
     outputs: OutputConfig
     task_options: object | None = None  # the task's own flags, as the frozen dataclass its Task declares
+    verbose: bool = False  # show the libraries' log lines and warnings too

@@ -28,7 +28,7 @@ from .data import SampleDataset, load_conversation_splits
 from .distributed import Distributed, start_distributed
 from .errors import UserError
 from .evaluation import evaluate
-from .logging_setup import setup_logging
+from .logging_setup import quiet_libraries, setup_logging
 from .metrics import Metric
 from .plotting import plot_training_curves
 from .precision import Precision
@@ -227,16 +227,18 @@ def _report_interruption(outputs: OutputConfig, signals: StopSignals) -> None:
 
 def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, float]:
     strategy, precision, outputs, evaluation = config.strategy, config.precision, config.outputs, config.evaluation
+    quiet_libraries(config.verbose)  # before they load anything or probe the hardware
     train_dataset, eval_dataset = load_datasets(task, config.data, config.task_options)
     distributed = start_distributed(strategy.uses_deepspeed)
     signals.distributed = distributed
     train_args = training_arguments(
         config.training, outputs, strategy, precision, distributed, train_dataset.has_text_only_samples()
     )
-    setup_logging(distributed)
+    setup_logging(distributed, config.verbose)
     logger.info(
         "%s with %s on %d process(es), %s", task.name, strategy.name, distributed.world_size, precision.describe()
     )
+    logger.info("training samples: %d, evaluation samples: %d", len(train_dataset), len(eval_dataset))
     identity = run_identity(task, config)
     checkpoint = resolve_checkpoint(outputs, identity, distributed)
     # --seed also fixes what is drawn before the Trainer seeds itself (the LoRA initialisation): a run started
@@ -276,8 +278,10 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
     signals.activity = "the final save"
     model.config.use_cache = True  # switched off for training only; saved checkpoints generate with a cache
     trainer.save_model()
+    logger.info("%s saved to %s", "LoRA adapter" if strategy.lora else "model", output_dir)
     if distributed.is_main:
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+        logger.info("training curves: %s", output_dir / "training_curves.png")
     trainer.accelerator.wait_for_everyone()
 
     model = release_training_state(trainer)

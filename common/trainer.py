@@ -17,12 +17,13 @@ import torch
 from transformers import Trainer
 
 from .checkpoints import ResumableTrainer
+from .errors import UserError
 
 DEEPSPEED_MODULE_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check")
 
 
-class NonFiniteLossError(ValueError):
-    """The training loss became NaN or infinite (a user-facing stop: exit 1 with the message)."""
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite: the run stops with the message (exit 1)."""
 
 
 class FinetuningTrainer(ResumableTrainer):

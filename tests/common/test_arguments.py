@@ -239,7 +239,7 @@ def test_zero3_config_is_refused_up_front_with_the_reason(tmp_path):
 
 
 def test_shipped_zero2_config_is_accepted():
-    from common.training_arguments import DEFAULT_DEEPSPEED_CONFIG
+    from common.arguments import DEFAULT_DEEPSPEED_CONFIG
 
     config = validated("--deepspeed", str(DEFAULT_DEEPSPEED_CONFIG))
     assert config.training.deepspeed_config == str(DEFAULT_DEEPSPEED_CONFIG)

@@ -28,7 +28,8 @@ def test_a_run_prints_our_lines(runs):
     root, results = runs
     out = results["quiet"].check().stdout
     for line in ("UCF-101 with LoRA on 1 process(es)", "fp32", "parameters trainable", "training samples: 4",
-                 "evaluation samples: 2", "'loss'", "ACCURACY after finetuning", f"adapter saved to {root / 'quiet'}"):
+                 "evaluation samples: 2", "'loss'", "ACCURACY after finetuning", f"LoRA adapter saved to {root / 'quiet'}",
+                 "training curves:"):
         assert line in out, f"{line!r} missing from:\n{out}"
 
 
