@@ -196,7 +196,7 @@ def test_data_limited_flag_and_markdown():
                        "mean_tokens_per_sample": 2540.0, "warmup_steps": args.warmup_steps, "steps": args.steps,
                        "data_path": data}, "rows": [row]}
     text = render_markdown(report)
-    assert "| LoRA | 1 | 1 | ✓ | 64 | 12.000 | 12.000 | 30.0% | 20.0 |" in text
+    assert "| LoRA | 1 | 1 | ✓ | 16 | 12.000 | 12.000 | 30.0% | 20.0 |" in text  # the default global batch
     assert "⚠" in text
 
 

@@ -211,11 +211,16 @@ def test_fp16_lora_trains_with_loss_scaling(tiny_model_dir, tmp_path):
     assert len(losses) == 3 and all(math.isfinite(loss) and loss > 0 for loss in losses)
 
 
-@pytest.mark.parametrize("compute_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_qlora_trains_with_finite_loss_and_vision_adapter_gradients(compute_dtype, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(
+    "compute_dtype, autocast_dtype",
+    [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.bfloat16)],
+    ids=["fp16", "bf16", "fp16-compute-bf16-autocast"],  # the last: the recipe's --bf16 without flash attention
+)
+def test_qlora_trains_with_finite_loss_and_vision_adapter_gradients(compute_dtype, autocast_dtype, tiny_model_dir,
+                                                                    tmp_path):
     from common.precision import Precision
 
-    bf16 = compute_dtype == torch.bfloat16
+    bf16 = autocast_dtype == torch.bfloat16
     precision = Precision(torch.float32, bf16=bf16, fp16=not bf16, attn_implementation="sdpa",
                           compute_dtype=compute_dtype)
     trainer = _trainer(tiny_model_dir, tmp_path, precision, "--use_qlora", "--max_steps", "1")
@@ -224,7 +229,7 @@ def test_qlora_trains_with_finite_loss_and_vision_adapter_gradients(compute_dtyp
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {key: value.to("cuda") for key, value in batch.items()}
     model.train()
-    with torch.autocast("cuda", dtype=compute_dtype):
+    with torch.autocast("cuda", dtype=autocast_dtype):
         loss = model(**batch).loss
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
