@@ -2,8 +2,8 @@
 
 Convert, then train::
 
-    python convert_ucf101.py --out_dir /path/to/converted_ucf101
-    torchrun --nproc_per_node=4 finetune_hf_trainer_ucf101.py --data_dir /path/to/converted_ucf101
+    python convert_ucf101.py                      # --out_dir ./ucf101, archive extracted under --tmp_dir /tmp/ucf101
+    torchrun --nproc_per_node=4 finetune_hf_trainer_ucf101.py --data_dir ./ucf101
 
 By default the source is ``UCF101_subset.tar.gz`` from the hub dataset ``sayakpaul/ucf101-subset``
 (10 classes, splits train/val/test). ``--src`` takes that archive (.tar.gz/.tgz/.tar) or any folder laid out
@@ -13,23 +13,27 @@ Splits missing from the source are simply absent from the output.
 Output::
 
     out_dir/
-    ├── images/{split}/{Class}/{video_stem}.{i}.jpg    i = 0 .. num_frames-1
+    ├── images/{split}/{Class}/{video_stem}.{i}.jpg    i = 0 .. (frames kept) - 1
     ├── ucf101_train.jsonl / ucf101_val.jsonl / ucf101_test.jsonl
-    └── .convert_ucf101.json                           source and num_frames this folder was made from
+    ├── .convert_ucf101.json                           source and num_frames this folder was made from
+    └── .convert_ucf101.frames.jsonl                   frames kept per converted video (for re-runs)
 
 One jsonl line per converted video; image paths are relative to ``out_dir/images``.
 
 Rules:
 
-* Sampling: frame ``k`` of ``num_frames`` is frame ``round(k * (n - 1) / (num_frames - 1))`` of the ``n``
-  decodable frames, i.e. ``np.linspace(0, n - 1, num_frames)`` rounded to nearest (ties up). A video with fewer
-  than ``num_frames`` frames therefore repeats frames; it is still converted.
-* ``n`` is counted by reading the video, not taken from its header. A video that is empty, cannot be opened,
-  or has no decodable frame is skipped with a WARNING on stderr and counted in the final summary.
+* Sampling, as the recipe: with ``n`` the frame count in the video stream's header, the frames at
+  ``np.arange(0, n, n / num_frames).astype(int)``, decoded with PyAV (FFmpeg) in order, each index once: a
+  video shorter than ``num_frames`` keeps fewer frames. Frames are saved as PIL saves a ``.jpg`` by default.
+* Robustness beyond the recipe: a header without a frame count falls back to counting decodable frames; a
+  video whose decoding ends early keeps the sampled frames that decoded; a video that is empty, cannot be
+  opened, or yields no sampled frame is skipped with a WARNING on stderr and counted in the final summary.
 * Ids: ``{split}-{index:010d}``, ``index`` counting every discovered video (converted or skipped) in the order
   train, val, test; classes sorted; files sorted by name. Ids are thus stable across runs.
+* Archives (the default hub one included) are extracted into ``--tmp_dir`` (default ``/tmp/ucf101``, which must
+  not hold anything else), removed when done.
 * Resume: frames are staged and renamed into place, jsonl files are replaced atomically, so an interrupted run
-  can simply be re-run; videos whose frames all exist are not decoded again. Reusing an out_dir made from
+  can simply be re-run; videos recorded as converted whose frames all exist are not decoded again. Reusing an out_dir made from
   another source or num_frames is refused unless ``--overwrite``. A local source is known by its path only:
   after changing videos in place, convert again with ``--overwrite``.
 * Exit status is non-zero when no video could be converted, or with ``--strict`` when any video was skipped.
@@ -42,8 +46,7 @@ import os
 import shutil
 import sys
 import tarfile
-import tempfile
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -51,7 +54,9 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-import cv2
+import av
+import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 # The frame-extraction workers (spawned: they import this file again) only extract frames; importing `common`
@@ -67,6 +72,7 @@ SPLITS = ("train", "val", "test")
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mov", ".mkv", ".webm")
 ARCHIVE_EXTENSIONS = (".tar.gz", ".tgz", ".tar")
 MANIFEST_NAME = ".convert_ucf101.json"
+FRAMES_RECORD_NAME = ".convert_ucf101.frames.jsonl"
 STAGING_NAME = ".staging"
 IMAGES_NAME = "images"
 PROMPT_TEMPLATE = "Classify the video into one of the following classes: {}."
@@ -80,9 +86,9 @@ class Video:
     path: Path  # where the file can be read now (possibly inside a temporary extraction)
     shown_path: str  # how to name it to the user
 
-    def frame_names(self, num_frames: int) -> list[str]:
+    def frame_names(self, count: int) -> list[str]:
         """Frame image paths relative to ``out_dir/images``, always with forward slashes."""
-        return [f"{self.split}/{self.label}/{self.path.stem}.{i}.jpg" for i in range(num_frames)]
+        return [f"{self.split}/{self.label}/{self.path.stem}.{i}.jpg" for i in range(count)]
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,8 @@ class FrameJob:
     """Everything a worker process needs to convert one video (plain strings: cheap to pickle)."""
 
     video_path: str
-    frame_paths: tuple[str, ...]
+    frame_prefix: str  # final frame i is f"{frame_prefix}.{i}.jpg"
+    num_frames: int
     staging_dir: str
 
 
@@ -99,7 +106,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Convert UCF-101 videos into sampled JPEG frames and the recipe's ucf101_{split}.jsonl files.",
     )
     parser.add_argument(
-        "--out_dir", type=Path, required=True, help="Folder to write images/ and the jsonl files into."
+        "--out_dir", type=Path, default=Path("./ucf101"),
+        help="Folder to write images/ and the jsonl files into (default: ./ucf101).",
+    )
+    parser.add_argument(
+        "--tmp_dir", type=Path, default=Path("/tmp/ucf101"),
+        help="Where an archive source is extracted; it must not exist or be empty, and is removed afterwards "
+        "(default: /tmp/ucf101).",
     )
     parser.add_argument(
         "--src",
@@ -186,6 +199,7 @@ def remove_previous_output(out_dir: Path) -> None:
         out_dir / IMAGES_NAME,
         out_dir / STAGING_NAME,
         out_dir / MANIFEST_NAME,
+        out_dir / FRAMES_RECORD_NAME,
         *out_dir.glob("ucf101_*.jsonl*"),
     ]:
         if path.is_dir():
@@ -228,19 +242,31 @@ def extract_archive(archive: Path, destination: Path) -> None:
         raise UserError(f"Could not read archive {archive}: {error}") from error
 
 
+def check_tmp_dir(tmp_dir: Path) -> None:
+    if tmp_dir.exists() and (not tmp_dir.is_dir() or any(tmp_dir.iterdir())):
+        raise UserError(
+            f"--tmp_dir {tmp_dir} already exists and is not an empty folder; it is removed after the conversion, "
+            "so choose a path that holds nothing else."
+        )
+
+
 @contextmanager
-def source_folder(src: Path | None) -> Iterator[tuple[Path, str]]:
+def source_folder(src: Path | None, tmp_dir: Path) -> Iterator[tuple[Path, str]]:
     """Yield the folder holding the videos and the name to show the user for it.
 
-    Archives are extracted into a temporary folder that is removed afterwards.
+    Archives are extracted into ``tmp_dir``, which is removed afterwards.
     """
     if src is not None and src.is_dir():
         yield src, str(src)
         return
+    check_tmp_dir(tmp_dir)
     archive = download_subset() if src is None else src
-    with tempfile.TemporaryDirectory(prefix="convert_ucf101_") as extracted:
-        extract_archive(archive, Path(extracted))
-        yield Path(extracted), str(archive)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        extract_archive(archive, tmp_dir)
+        yield tmp_dir, str(archive)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def visible_children(folder: Path) -> list[Path]:
@@ -289,108 +315,126 @@ def discover_videos(root: Path, shown_as: str) -> list[Video]:
 
 
 def sample_frame_indices(frame_count: int, num_frames: int) -> list[int]:
-    """``np.linspace(0, frame_count - 1, num_frames)`` rounded to nearest, ties up, in exact integer arithmetic."""
-    if num_frames == 1:
-        return [0]
-    last, steps = frame_count - 1, num_frames - 1
-    return [(2 * k * last + steps) // (2 * steps) for k in range(num_frames)]
+    """The recipe's ``np.arange(0, n, n / num_frames).astype(int)``, each index once (a frame decodes once)."""
+    return sorted(set(np.arange(0, frame_count, frame_count / num_frames).astype(int).tolist()))
 
 
-def count_decodable_frames(video_path: str) -> int | None:
-    """Frames that actually decode; None if the file cannot be opened. Headers' frame counts can be wrong."""
-    capture = cv2.VideoCapture(video_path)
+def header_frame_count(container: av.container.InputContainer) -> int:
+    """The frame count of the video stream's header (what the recipe samples over); 0 when it is unknown."""
+    return container.streams.video[0].frames
+
+
+def decoded_frames(container: av.container.InputContainer) -> Iterator[av.VideoFrame]:
+    """The video's frames from the start, ending quietly where decoding fails (a truncated file, say)."""
+    container.seek(0)
+    frames = container.decode(video=0)
+    while True:
+        try:
+            yield next(frames)
+        except (StopIteration, av.FFmpegError):
+            return
+
+
+def count_decodable_frames(container: av.container.InputContainer) -> int:
+    return sum(1 for _ in decoded_frames(container))
+
+
+def write_sampled_frames(container: av.container.InputContainer, indices: list[int], staged_dir: Path) -> int:
+    """Decode from the start, as the recipe, saving the frames at ``indices`` as ``{k}.jpg``; returns how many
+    were saved (fewer than ``len(indices)`` when decoding ends early)."""
+    wanted = set(indices)
+    saved = 0
+    for position, frame in enumerate(decoded_frames(container)):
+        if position > indices[-1]:
+            break
+        if position in wanted:
+            image = Image.fromarray(frame.to_ndarray(format="rgb24")).convert("RGB")
+            image.save(staged_dir / f"{saved}.jpg")  # PIL's default JPEG settings, as the recipe
+            saved += 1
+    return saved
+
+
+def decode_sampled_frames(video_path: str, num_frames: int, staged_dir: Path) -> tuple[str | None, int]:
+    """Write the sampled frames of a video into ``staged_dir``; (why the video is unusable or None, frames kept)."""
     try:
-        if not capture.isOpened():
-            return None
-        frame_count = 0
-        while capture.grab():
-            frame_count += 1
-        return frame_count
-    finally:
-        capture.release()
+        with av.open(video_path) as container:
+            if not container.streams.video:
+                return "no video stream", 0
+            frame_count = header_frame_count(container) or count_decodable_frames(container)
+            if frame_count == 0:
+                return "no decodable frames", 0
+            saved = write_sampled_frames(container, sample_frame_indices(frame_count, num_frames), staged_dir)
+    except av.FFmpegError:
+        return "cannot be decoded", 0
+    return (None, saved) if saved else ("no decodable frames", 0)
 
 
-def write_sampled_frames(video_path: str, indices: list[int], staged_paths: list[Path]) -> str | None:
-    """Decode the video once, front to back, keeping only the current frame in memory."""
-    outputs_by_index = defaultdict(list)
-    for staged_path, index in zip(staged_paths, indices, strict=True):
-        outputs_by_index[index].append(staged_path)
-    capture = cv2.VideoCapture(video_path)
-    try:
-        for index in range(indices[-1] + 1):
-            if not capture.grab():
-                return "decoding stopped early on the second read"
-            if index not in outputs_by_index:
-                continue
-            decoded, frame = capture.retrieve()
-            if not decoded:
-                return "a sampled frame could not be decoded"
-            for staged_path in outputs_by_index[index]:
-                if not cv2.imwrite(str(staged_path), frame):
-                    raise OSError(f"Could not write {staged_path}")
-    finally:
-        capture.release()
-    return None
-
-
-def decode_sampled_frames(video_path: str, staged_paths: list[Path]) -> str | None:
-    """Write the sampled frames of a video to ``staged_paths``; return why the video is unusable, or None."""
-    try:
-        frame_count = count_decodable_frames(video_path)
-        if frame_count is None:
-            return "cannot be opened"
-        if frame_count == 0:
-            return "no decodable frames"
-        return write_sampled_frames(
-            video_path, sample_frame_indices(frame_count, len(staged_paths)), staged_paths
-        )
-    except cv2.error:
-        return "decoder error"
-
-
-def convert_video(job: FrameJob) -> str | None:
-    """Write the sampled frames of one video to their final paths; return why it was skipped, or None.
+def convert_video(job: FrameJob) -> tuple[str | None, int]:
+    """Write the sampled frames of one video to their final paths; (why it was skipped or None, frames kept).
 
     Frames are staged first and only renamed into place once all decoded, so a crash never leaves a
     complete-looking set of frames; a partial set is simply redone by the next run.
     """
     if os.path.getsize(job.video_path) == 0:
-        return "empty file"
+        return "empty file", 0
     staging_dir = Path(job.staging_dir)
-    staged_paths = [staging_dir / f"{i}.jpg" for i in range(len(job.frame_paths))]
     staging_dir.mkdir(parents=True, exist_ok=True)
     try:
-        skip_reason = decode_sampled_frames(job.video_path, staged_paths)
+        skip_reason, kept = decode_sampled_frames(job.video_path, job.num_frames, staging_dir)
         if skip_reason is None:
-            Path(job.frame_paths[0]).parent.mkdir(parents=True, exist_ok=True)
-            for staged_path, frame_path in zip(staged_paths, job.frame_paths, strict=True):
-                os.replace(staged_path, frame_path)
-        return skip_reason
+            Path(job.frame_prefix).parent.mkdir(parents=True, exist_ok=True)
+            for i in range(kept):
+                os.replace(staging_dir / f"{i}.jpg", f"{job.frame_prefix}.{i}.jpg")
+        return skip_reason, kept
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
 
 
+def read_frame_counts(out_dir: Path) -> dict[int, int]:
+    """Frames kept per video index, as recorded by earlier runs into this out_dir."""
+    counts = {}
+    try:
+        lines = (out_dir / FRAMES_RECORD_NAME).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return counts
+    for line in lines:
+        try:
+            record = json.loads(line)
+            counts[int(record["index"])] = int(record["frames"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by an interruption
+    return counts
+
+
 def convert_videos(
     videos: list[Video], out_dir: Path, num_frames: int, num_workers: int, show_progress: bool
-) -> tuple[dict[int, str], set[int]]:
-    """Convert the videos whose frames are not all present yet.
+) -> tuple[dict[int, str], set[int], dict[int, int]]:
+    """Convert the videos not converted yet.
 
-    Returns the skip reason of each skipped video and the indices of videos whose frames already existed.
+    Returns the skip reason of each skipped video, the indices of videos whose frames already existed, and
+    the frames kept per converted video.
     """
     images_dir = out_dir / IMAGES_NAME
     staging_root = out_dir / STAGING_NAME
     shutil.rmtree(staging_root, ignore_errors=True)  # left behind by an interrupted run
-    frame_paths = {
-        v.index: tuple(str(images_dir / name) for name in v.frame_names(num_frames)) for v in videos
+    recorded = read_frame_counts(out_dir)
+    frame_counts = {
+        v.index: recorded[v.index]
+        for v in videos
+        if v.index in recorded and all((images_dir / name).is_file() for name in v.frame_names(recorded[v.index]))
     }
-    already_done = {v.index for v in videos if all(os.path.isfile(p) for p in frame_paths[v.index])}
+    already_done = set(frame_counts)
     pending = [v for v in videos if v.index not in already_done]
     jobs = [
-        FrameJob(str(v.path), frame_paths[v.index], str(staging_root / f"{v.index:010d}")) for v in pending
+        FrameJob(str(v.path), str(images_dir / v.split / v.label / v.path.stem), num_frames,
+                 str(staging_root / f"{v.index:010d}"))
+        for v in pending
     ]
 
     skip_reasons: dict[int, str] = {}
-    with conversion_results(jobs, num_workers) as results:
+    with conversion_results(jobs, num_workers) as results, open(
+        out_dir / FRAMES_RECORD_NAME, "a", encoding="utf-8"
+    ) as record:
         progress = tqdm(
             total=len(videos),
             initial=len(already_done),
@@ -398,18 +442,22 @@ def convert_videos(
             desc="Converting",
             disable=not show_progress,
         )
-        for video, skip_reason in zip(pending, results, strict=True):
+        for video, (skip_reason, kept) in zip(pending, results, strict=True):
             if skip_reason is not None:
                 skip_reasons[video.index] = skip_reason
                 tqdm.write(f"WARNING: skipping {video.shown_path}: {skip_reason}", file=sys.stderr)
+            else:
+                frame_counts[video.index] = kept
+                record.write(json.dumps({"index": video.index, "frames": kept}) + "\n")
+                record.flush()
             progress.update()
         progress.close()
     shutil.rmtree(staging_root, ignore_errors=True)
-    return skip_reasons, already_done
+    return skip_reasons, already_done, frame_counts
 
 
 @contextmanager
-def conversion_results(jobs: list[FrameJob], num_workers: int) -> Iterator[Iterator[str | None]]:
+def conversion_results(jobs: list[FrameJob], num_workers: int) -> Iterator[Iterator[tuple[str | None, int]]]:
     """Results of ``convert_video`` over ``jobs``, in job order whatever the order workers finish in."""
     if num_workers == 1 or len(jobs) <= 1:
         yield map(convert_video, jobs)
@@ -423,19 +471,17 @@ def conversion_results(jobs: list[FrameJob], num_workers: int) -> Iterator[Itera
         pool.shutdown(cancel_futures=True)
 
 
-def build_record(video: Video, num_frames: int, prompt: str) -> dict:
+def build_record(video: Video, frame_count: int, prompt: str) -> dict:
     return {
         "id": f"{video.split}-{video.index:010d}",
         "source": "ucf101",
         "conversations": [
-            {"images": video.frame_names(num_frames), "user": prompt, "assistant": video.label}
+            {"images": video.frame_names(frame_count), "user": prompt, "assistant": video.label}
         ],
     }
 
 
-def write_jsonl_files(
-    out_dir: Path, videos: list[Video], skip_reasons: dict[int, str], num_frames: int
-) -> None:
+def write_jsonl_files(out_dir: Path, videos: list[Video], frame_counts: dict[int, int]) -> None:
     prompt = PROMPT_TEMPLATE.format(", ".join(sorted({v.label for v in videos})))
     for split in SPLITS:
         jsonl_path = out_dir / f"ucf101_{split}.jsonl"
@@ -444,9 +490,9 @@ def write_jsonl_files(
             jsonl_path.unlink(missing_ok=True)
             continue
         lines = [
-            json.dumps(build_record(v, num_frames, prompt)) + "\n"
+            json.dumps(build_record(v, frame_counts[v.index], prompt)) + "\n"
             for v in split_videos
-            if v.index not in skip_reasons
+            if v.index in frame_counts
         ]
         write_atomically(jsonl_path, "".join(lines))
 
@@ -454,7 +500,7 @@ def write_jsonl_files(
 def print_summary(
     out_dir: Path, videos: list[Video], skip_reasons: dict[int, str], already_done: set[int], num_frames: int
 ) -> None:
-    print(f"Converted into {out_dir} ({num_frames} frames per video):")
+    print(f"Converted into {out_dir} (up to {num_frames} frames per video):")
     for split in SPLITS:
         split_videos = [v for v in videos if v.split == split]
         if not split_videos:
@@ -475,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = {"source": source_identity(args.src), "num_frames": args.num_frames}
     check_out_dir(args.out_dir, args.src, manifest, args.overwrite)
 
-    with source_folder(args.src) as (folder, shown_as):
+    with source_folder(args.src, args.tmp_dir) as (folder, shown_as):
         root, shown_root = find_split_parent(folder, shown_as)
         videos = discover_videos(root, shown_root)
         if not videos:
@@ -484,11 +530,11 @@ def main(argv: list[str] | None = None) -> None:
             remove_previous_output(args.out_dir)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         write_atomically(args.out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
-        skip_reasons, already_done = convert_videos(
+        skip_reasons, already_done, frame_counts = convert_videos(
             videos, args.out_dir, args.num_frames, args.num_workers, show_progress=not args.no_tqdm
         )
 
-    write_jsonl_files(args.out_dir, videos, skip_reasons, args.num_frames)
+    write_jsonl_files(args.out_dir, videos, frame_counts)
     print_summary(args.out_dir, videos, skip_reasons, already_done, args.num_frames)
     if len(skip_reasons) == len(videos):
         raise UserError(

@@ -9,21 +9,34 @@
     python finetune_hf_trainer_hateful_memes.py --dataset_path /data/hateful_memes   # offline copy, one process
 
 Data: the `hateful_memes` subset of HuggingFaceM4/the_cauldron (one `train` split; its first --eval_size
-rows, 500 by default, are held out for evaluation). Rows hold `images` (one meme) and `texts`
-([{"user": question, "assistant": "yes" | "no"}]); --dataset_path takes the same schema from disk.
+rows, 500 by default, are held out for evaluation). Rows hold `images` (the meme first) and `texts`
+([{"user": question, "assistant": "yes" | "no"}]); training and evaluation use the first pair.
+--dataset_path takes the same schema from disk.
 Prompt: `<|image_1|>\\n{question}` in the chat template; answer `{yes|no}<|end|>\\n<|endoftext|>`.
-Metric: accuracy of the generated answer (stripped of whitespace and periods, lowercased).
+Metric: accuracy of the generated answer (both sides stripped of whitespace and periods, lowercased).
 """
+
+import random
 
 from common.arguments import build_parser, resolve_run_config
 from common.cli import main_guard
-from common.data import load_cauldron_splits
+from common.config import DataConfig
+from common.data import Sample, Turn, first_images, load_cauldron_splits
 from common.finetune import Task, run_finetuning
 from common.metrics import ACCURACY
 
-TASK = Task(
-    "Hateful Memes", ACCURACY, lambda data, _: load_cauldron_splits("hateful_memes", data.dataset_path, data.eval_size)
-)
+
+def meme_sample(row, index: int, draws: random.Random) -> Sample:
+    sample_id = f"hateful_memes-{index}"
+    text = row["texts"][0]
+    return Sample(sample_id, [Turn(text["user"], text["assistant"], first_images(row, sample_id, 1))])
+
+
+def load_memes(data: DataConfig, options: None):
+    return load_cauldron_splits("hateful_memes", data.dataset_path, data.eval_size, meme_sample, meme_sample)
+
+
+TASK = Task("Hateful Memes", ACCURACY, load_memes)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

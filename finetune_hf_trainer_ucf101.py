@@ -7,18 +7,21 @@ Convert the videos first (see convert_ucf101.py), then train and evaluate on the
     python finetune_hf_trainer_ucf101.py --data_dir /path/to/converted_ucf101 --use_lora   # one process
 
 Data: the generic jsonl format — `ucf101_train.jsonl` for training, `ucf101_val.jsonl` for evaluation,
-frames under `images/`. Each sample is one turn: the frames as `<|image_1|>` ... `<|image_8|>`, the
-question "Classify the video into one of the following classes: ...", the class name as answer.
-Metric: accuracy of the generated class name (stripped of whitespace and periods, lowercased).
+frames under `images/`. Each turn's message is its own frames' tags then its text:
+`<|image_1|>...<|image_8|>\nClassify the video into one of the following classes: ...`, the class name as
+answer (`{answer}<|end|>\n<|endoftext|>`). Training encodes turn by turn, each turn numbering its images
+from 1; evaluation prompts hold the whole conversation up to the last question, with every turn's images.
+Metric: accuracy of the generated class name (both sides stripped of whitespace and periods, lowercased);
+the report lists `{"id", "answer"}` and `{"id", "generated_text"}`.
 Frames are many images per sample, so num_crops defaults to 4 (Phi-3.5-vision's multi-frame setting).
 """
 
 from common.arguments import build_parser, resolve_run_config
 from common.cli import main_guard
 from common.finetune import Task, run_finetuning
-from common.metrics import ACCURACY
+from common.metrics import ACCURACY_BY_ID
 
-TASK = Task("UCF-101", ACCURACY)  # its data is the generic format: --data_dir, required below
+TASK = Task("UCF-101", ACCURACY_BY_ID)  # its data is the generic format: --data_dir, required below
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

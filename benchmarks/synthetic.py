@@ -86,7 +86,7 @@ def write_pages(folder: Path, count: int, size: tuple[int, int], seed: int) -> N
         synthetic_page(seed + index, size).save(folder / f"page_{index:03d}.png")
 
 
-def _docvqa_sample(row: dict, index: int) -> Sample:
+def _docvqa_sample(row: dict, index: int, draws: random.Random) -> Sample:
     return Sample(id=f"synthetic-{index}", turns=[Turn(row["question"], row["answer"], [row["image"]])])
 
 
@@ -112,8 +112,8 @@ def sample_lengths(processor, dataset: SampleDataset, page_size: tuple[int, int]
     tokens_per_image = processor.calc_num_image_tokens_from_image_size(*page_size)
     lengths = []
     for index in range(min(limit, len(dataset))):
-        sample = dataset.to_sample(dataset.rows[index], index)
-        ids, _ = encoder.encode(sample, [tokens_per_image] * len(sample.images), with_last_answer=True)
+        sample = dataset.to_sample(dataset.rows[index], index, dataset.draws(index))
+        ids, _ = encoder.encode_training(sample, [tokens_per_image] * len(sample.images))
         lengths.append(len(ids))
     return lengths
 

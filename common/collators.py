@@ -1,11 +1,15 @@
 """Batches of `Sample`s for training (prompt + answers, labelled) and for evaluation (prompts to complete).
 
-Token layout of a conversation, as the recipe builds it: for every turn, the chat-templated user message
-(its images' `<|image_N|>` tags first, numbered across the whole conversation) ending in `<|assistant|>\n`,
-encoded by the processor (BOS at the start and after every image); then the answer followed by `<|end|>\n`
-(the last one by `<|end|>\n<|endoftext|>`), tokenized without special tokens. Labels are the answer tokens;
-prompts, image spans and padding are -100. Labels come from this layout, never from comparing ids with the
-pad id, so an `<|endoftext|>` that doubles as pad is still learnt.
+Token layout, as the recipe's collators build it with the checkpoint's processor:
+- training: every turn on its own — the chat-templated user message (`Sample.user_message`: the turn's image
+  tags numbered from 1, a newline, the text) ending in `<|assistant|>\n`, encoded by the processor (each
+  text chunk tokenized with BOS: at the start and after every image), then the answer
+  `{answer}<|end|>\n<|endoftext|>` tokenized without special tokens. Labels are the answer tokens; prompts,
+  image spans and padding are -100. Labels come from this layout, never from comparing ids with the pad id,
+  so an `<|endoftext|>` that doubles as pad is still learnt.
+- evaluation: one chat-templated prompt of the whole conversation up to the last user message (earlier
+  answers as assistant messages `{answer}<|end|>\n<|endoftext|>`), encoded in one processor pass with the
+  images of all turns; the model fills the image spans in the order they appear.
 """
 
 from __future__ import annotations
@@ -15,42 +19,41 @@ from .errors import UserError
 from .phi3v.processing_phi3_v import pad_sequences
 
 IGNORE_INDEX = -100
-
-
-def image_tags(first_number: int, count: int) -> str:
-    return "".join(f"<|image_{first_number + k}|>\n" for k in range(count))
+END_OF_ANSWER = "<|end|>\n<|endoftext|>"
 
 
 class ConversationEncoder:
-    """Turns one sample into token ids and labels; shared by the training and evaluation collators."""
+    """Turns one sample into token ids (and labels); shared by the training and evaluation collators."""
 
     def __init__(self, processor):
         self.processor = processor
         self.tokenizer = processor.tokenizer
 
-    def encode(self, sample: Sample, tokens_per_image: list[int], with_last_answer: bool) -> tuple[list[int], list[int]]:
-        input_ids, labels = [], []
-        images_so_far = 0
-        for number, turn in enumerate(sample.turns, start=1):
-            content = image_tags(images_so_far + 1, len(turn.images)) + turn.user
-            images_so_far += len(turn.images)
-            prompt = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-            )
-            prompt_ids = self.processor.encode_prompt(prompt, tokens_per_image)
-            input_ids += prompt_ids
-            labels += [IGNORE_INDEX] * len(prompt_ids)
-            is_last = number == len(sample.turns)
-            if is_last and not with_last_answer:
-                break
-            answer = turn.assistant + "<|end|>\n" + ("<|endoftext|>" if is_last else "")
-            answer_ids = self.tokenizer(answer, add_special_tokens=False).input_ids
-            input_ids += answer_ids
-            labels += answer_ids
+    def _template(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode_training(self, sample: Sample, tokens_per_image: list[int]) -> tuple[list[int], list[int]]:
+        input_ids, labels, first = [], [], 0
+        for turn in sample.turns:
+            prompt = self._template([{"role": "user", "content": sample.user_message(turn)}])
+            counts = tokens_per_image[first : first + len(turn.images)]
+            first += len(turn.images)
+            prompt_ids = self.processor.encode_prompt(prompt, counts)
+            answer_ids = self.tokenizer(turn.assistant + END_OF_ANSWER, add_special_tokens=False).input_ids
+            input_ids += prompt_ids + answer_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
         return input_ids, labels
 
-    def encode_batch(self, samples: list[Sample], with_last_answer: bool):
-        """-> (per-sample ids, per-sample labels, image inputs of all samples or None)."""
+    def encode_prompt(self, sample: Sample, tokens_per_image: list[int]) -> list[int]:
+        messages = []
+        for turn in sample.turns[:-1]:
+            messages.append({"role": "user", "content": sample.user_message(turn)})
+            messages.append({"role": "assistant", "content": turn.assistant + END_OF_ANSWER})
+        messages.append({"role": "user", "content": sample.user_message(sample.turns[-1])})
+        return self.processor.encode_prompt(self._template(messages), tokens_per_image)
+
+    def encode_batch(self, samples: list[Sample], training: bool):
+        """-> (per-sample ids, per-sample labels (None for prompts), image inputs of all samples or None)."""
         images = [image for sample in samples for image in sample.images]
         image_inputs = self.processor.image_processor(images) if images else None
         counts = image_inputs["num_img_tokens"] if image_inputs else []
@@ -59,7 +62,10 @@ class ConversationEncoder:
             own_counts = counts[first : first + len(sample.images)]
             first += len(sample.images)
             try:
-                sample_ids, sample_labels = self.encode(sample, own_counts, with_last_answer)
+                if training:
+                    sample_ids, sample_labels = self.encode_training(sample, own_counts)
+                else:
+                    sample_ids, sample_labels = self.encode_prompt(sample, own_counts), None
             except ValueError as error:
                 raise UserError(f"sample {sample.id}: {error}") from error
             ids.append(sample_ids)
@@ -88,7 +94,7 @@ class Phi3VTrainCollator:
         self.max_length = max_length
 
     def __call__(self, samples: list[Sample]) -> dict:
-        ids, labels, image_inputs = self.encoder.encode_batch(samples, with_last_answer=True)
+        ids, labels, image_inputs = self.encoder.encode_batch(samples, training=True)
         if self.max_length is not None:
             for sample, sample_ids in zip(samples, ids, strict=True):
                 if len(sample_ids) > self.max_length:
@@ -116,7 +122,7 @@ class Phi3VEvalCollator:
         self.pad_token_id = processor.tokenizer.pad_token_id
 
     def __call__(self, samples: list[Sample]) -> dict:
-        ids, _, image_inputs = self.encoder.encode_batch(samples, with_last_answer=False)
+        ids, _, image_inputs = self.encoder.encode_batch(samples, training=False)
         batch = {
             "input_ids": pad_sequences(ids, self.pad_token_id, "left"),
             "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0, "left"),

@@ -1,9 +1,14 @@
 """Task-independent samples and where they come from: the hub, a local copy, or the generic jsonl format.
 
-Every task turns its rows into `Sample`s: an id, conversation turns (each with its own images, a user
+Every task turns its rows into `Sample`s: an id, conversation turns (each with its own images, the user's
 text without image tags, and the assistant's answer) and the references the metric compares against.
-Images stay unopened (paths, bytes or PIL images) until a data-loader worker reads them with
-`open_image`, which names the sample and the file when one cannot be read.
+`Sample.user_message` writes a turn's message the recipe's way: the turn's own image tags, numbered from 1
+and concatenated, a newline, the text. Images stay unopened (paths, bytes or PIL images) until a data-loader
+worker reads them with `open_image`, which names the sample and the file when one cannot be read.
+
+Where the recipe draws at random (DocVQA's accepted answer, the_cauldron's question/answer pair), the draw
+is a function of (seed, epoch, row index): a fresh draw every epoch, the same after a resume. The Trainer
+tells the dataset the epoch through `DrawEpochCallback`.
 
 Generic format (written by convert_ucf101.py, usable for any task) — a folder with `*_train.jsonl`,
 `*_val.jsonl` and `images/`, one sample per line:
@@ -15,18 +20,25 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import datasets
 from PIL import Image
 from torch.utils.data import Dataset
+from transformers import TrainerCallback
 
 from .errors import UserError
 from .phi3v.processing_phi3_v import IMAGE_TAG
+
+
+def image_tags(count: int) -> str:
+    """`<|image_1|><|image_2|>...`: a turn's tags, numbered from 1 and concatenated, as the recipe writes them."""
+    return "".join(f"<|image_{number}|>" for number in range(1, count + 1))
 
 
 @dataclass
@@ -38,9 +50,13 @@ class Turn:
 
 @dataclass
 class Sample:
+    """`bare_text_turns`: a turn without images is its text alone (the recipe's the_cauldron scripts) rather
+    than the newline-then-text of `phi3v_dataset.py` (the generic format)."""
+
     id: str
     turns: list[Turn]
     references: list[str] = field(default_factory=list)  # defaults to the last answer
+    bare_text_turns: bool = False
 
     def __post_init__(self):
         if not self.turns:
@@ -51,6 +67,11 @@ class Sample:
     @property
     def images(self) -> list[Any]:
         return [image for turn in self.turns for image in turn.images]
+
+    def user_message(self, turn: Turn) -> str:
+        if not turn.images and self.bare_text_turns:
+            return turn.user
+        return f"{image_tags(len(turn.images))}\n{turn.user}"
 
 
 def open_image(source: Any, sample_id: str, base_dir: Path | None = None) -> Image.Image:
@@ -72,19 +93,39 @@ def open_image(source: Any, sample_id: str, base_dir: Path | None = None) -> Ima
         raise UserError(f"sample {sample_id}: cannot read image {path or '<embedded bytes>'}: {error}") from error
 
 
-class SampleDataset(Dataset):
-    """Rows of any indexable source turned into `Sample`s with fully loaded images, lazily per item."""
+# to_sample(row, row index, draws): the row's Sample; `draws` is the row's random source for this epoch.
+ToSample = Callable[[Any, int, random.Random], Sample]
 
-    def __init__(self, rows: Sequence, to_sample: Callable[[Any, int], Sample], base_dir: Path | None = None):
+
+class SampleDataset(Dataset):
+    """Rows of any indexable source turned into `Sample`s with fully loaded images, lazily per item.
+
+    `seed` and the epoch (`set_epoch`) make each row's random draws: `random.Random` seeded with
+    (seed, epoch, row index), so they depend on nothing else (data-loader workers, order, resumes).
+    """
+
+    def __init__(self, rows: Sequence, to_sample: ToSample, base_dir: Path | None = None, seed: int = 0,
+                 row_indices: Sequence[int] | None = None):
         self.rows = rows
         self.to_sample = to_sample
         self.base_dir = base_dir
+        self.seed = seed
+        self.epoch = 0
+        self.row_indices = list(row_indices) if row_indices is not None else None
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Called by accelerate's data loader and by `DrawEpochCallback` before each epoch's workers start."""
+        self.epoch = epoch
+
+    def draws(self, row_index: int) -> random.Random:
+        return random.Random(f"{self.seed}-{self.epoch}-{row_index}")
+
     def __getitem__(self, index: int) -> Sample:
-        sample = self.to_sample(self.rows[index], index)
+        row_index = self.row_indices[index] if self.row_indices is not None else index
+        sample = self.to_sample(self.rows[index], row_index, self.draws(row_index))
         for turn in sample.turns:
             turn.images = [open_image(image, sample.id, self.base_dir) for image in turn.images]
         return sample
@@ -110,18 +151,27 @@ class SampleDataset(Dataset):
         return isinstance(self.rows, list) and any(not sample.images for sample in self.rows)
 
     def subset(self, indices: Sequence[int]) -> SampleDataset:
-        """The rows at `indices`; samples keep the ids of their original positions."""
+        """The rows at `indices`; samples keep the ids (and draws) of their original positions."""
         indices = list(indices)
         rows = self.rows.select(indices) if isinstance(self.rows, datasets.Dataset) else [self.rows[i] for i in indices]
-        return SampleDataset(rows, partial(_at_original_index, self.to_sample, indices), self.base_dir)
+        original = [self.row_indices[i] for i in indices] if self.row_indices is not None else indices
+        subset = SampleDataset(rows, self.to_sample, self.base_dir, self.seed, original)
+        subset.epoch = self.epoch
+        return subset
 
 
-# Module-level helpers (not lambdas or closures): data-loader workers started with spawn or forkserver receive
-# the dataset pickled.
+class DrawEpochCallback(TrainerCallback):
+    """Tells the training dataset the epoch before the epoch's data-loader workers start (they copy the
+    dataset when an epoch's iteration begins; persistent workers would keep a stale copy, so the training
+    arguments leave them off). accelerate forwards `set_epoch` to the dataset only when the sampler has none,
+    which is not so in multi-process runs, hence this callback. The Trainer's `state.epoch` is the whole
+    number of finished epochs when an epoch begins, also after resuming mid-epoch."""
 
+    def __init__(self, dataset: SampleDataset):
+        self.dataset = dataset
 
-def _at_original_index(to_sample: Callable[[Any, int], Sample], indices: list[int], row, position: int) -> Sample:
-    return to_sample(row, indices[position])
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(math.floor(state.epoch or 0))
 
 
 # ---- hub datasets and their local copies -------------------------------------------------------------
@@ -211,33 +261,38 @@ def load_conversation_splits(data_dir: str) -> tuple[SampleDataset, SampleDatase
     """(train, eval) from a generic-format folder: `*_train.jsonl`, `*_val.jsonl`, images under images/."""
     root = Path(data_dir)
     train, evaluation = (read_conversation_jsonl(find_split_file(root, split)) for split in ("train", "val"))
-    return (SampleDataset(train, _identity, root / "images"), SampleDataset(evaluation, _identity, root / "images"))
+    return (SampleDataset(train, _copy, root / "images"), SampleDataset(evaluation, _copy, root / "images"))
 
 
-def _identity(sample: Sample, index: int) -> Sample:
+def _copy(sample: Sample, index: int, draws: random.Random) -> Sample:
     # Fresh turn objects: opening images must not mutate the stored (path-holding) sample.
     return Sample(id=sample.id, turns=[Turn(t.user, t.assistant, list(t.images)) for t in sample.turns],
-                  references=list(sample.references))
+                  references=list(sample.references), bare_text_turns=sample.bare_text_turns)
 
 
-# ---- the_cauldron subsets (hateful memes, NLVR2) ------------------------------------------------------
+# ---- the_cauldron subsets (hateful memes, NLVR2, DocVQA --full_train) ------------------------------------
 
 
-def load_cauldron_splits(subset: str, dataset_path: str | None, eval_size: int) -> tuple[SampleDataset, SampleDataset]:
+def load_cauldron_splits(subset: str, dataset_path: str | None, eval_size: int, train_sample: ToSample,
+                         eval_sample: ToSample, seed: int = 0) -> tuple[SampleDataset, SampleDataset]:
     """(train, eval) of a HuggingFaceM4/the_cauldron subset, which has only a train split: its first
-    `eval_size` rows are held out for evaluation, as the recipe. Rows: `images` (list) and `texts`
-    ([{"user", "assistant"}, ...]; the recipe uses the first pair)."""
+    `eval_size` rows are held out for evaluation (`train[:eval_size]`), the rest train, as the recipe.
+    Rows: `images` (list) and `texts` ([{"user", "assistant"}, ...])."""
     rows = load_split("HuggingFaceM4/the_cauldron", subset, "train", dataset_path)
     held_out = min(eval_size, len(rows))
     base_dir = base_dir_of(dataset_path)
+    # lists, not ranges: datasets rejects an empty range that starts at the end
+    train_indices = list(range(held_out, len(rows)))
     return (
-        # lists, not ranges: datasets rejects an empty range that starts at the end
-        SampleDataset(rows.select(list(range(held_out, len(rows)))), partial(_cauldron_sample, subset, held_out), base_dir),
-        SampleDataset(rows.select(list(range(held_out))), partial(_cauldron_sample, subset, 0), base_dir),
+        SampleDataset(rows.select(train_indices), train_sample, base_dir, seed, train_indices),
+        SampleDataset(rows.select(list(range(held_out))), eval_sample, base_dir, seed),
     )
 
 
-def _cauldron_sample(subset: str, offset: int, row, index: int) -> Sample:
-    """All the row's images and its first question/answer pair, as the recipe trains and scores them."""
-    text = row["texts"][0]
-    return Sample(id=f"{subset}-{offset + index}", turns=[Turn(text["user"], text["assistant"], list(row["images"]))])
+def first_images(row, sample_id: str, count: int, exact: bool = False) -> list[Any]:
+    """The row's first `count` images (`exact`: the row must hold exactly `count`, as NLVR2's pair); a
+    UserError names the sample otherwise."""
+    images = list(row["images"])
+    if len(images) < count or (exact and len(images) != count):
+        raise UserError(f"sample {sample_id}: expected {'exactly ' if exact else ''}{count} image(s), found {len(images)}")
+    return images[:count]

@@ -19,7 +19,7 @@ from .collators import Phi3VEvalCollator
 from .config import EvaluationConfig
 from .data import SampleDataset
 from .distributed import ONE_PROCESS, Distributed
-from .metrics import Metric, normalize_answer
+from .metrics import Metric
 
 logger = logging.getLogger(__name__)
 
@@ -69,29 +69,21 @@ def generate_predictions(
 def evaluate(
     model, processor, dataset: SampleDataset, metric: Metric, save_path: Path, evaluation: EvaluationConfig,
     distributed: Distributed,
-) -> float:
-    """Generate, score and (rank 0) write `save_path`; returns the metric on every rank."""
+) -> dict:
+    """Generate, score and (rank 0) write `save_path` in the recipe's layout for the metric; every rank gets
+    the report (the headline score is `report[metric.name]`)."""
     records = generate_predictions(
         model, processor, dataset, evaluation.batch_size, evaluation.max_new_tokens,
         evaluation.dataloader_num_workers, evaluation.show_progress, distributed,
     )
-    predictions = [record["prediction"] for record in records]
-    references = [record["references"] for record in records]
-    score = metric.compute(predictions, references)
+    report = metric.report(
+        [record["id"] for record in records],
+        [record["prediction"] for record in records],
+        [record["references"] for record in records],
+    )
     if distributed.is_main:
-        report = {
-            "metric": metric.name,
-            metric.name: score,
-            "num_samples": len(records),
-            "ids": [record["id"] for record in records],
-            "predictions": predictions,
-            "references": references,
-            # the recipe's keys: normalised answers and generations
-            "answers_unique": [[normalize_answer(r) for r in refs] for refs in references],
-            "generated_texts_unique": [normalize_answer(p) for p in predictions],
-        }
         save_path.parent.mkdir(parents=True, exist_ok=True)
         temporary = save_path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+        temporary.write_text(json.dumps(report, ensure_ascii=False))
         temporary.replace(save_path)
-    return score
+    return report

@@ -24,7 +24,7 @@ from .arguments import RESUME_LATEST
 from .checkpoints import check_complete, newest_complete_checkpoint
 from .collators import Phi3VTrainCollator
 from .config import DataConfig, EvaluationConfig, LoraSettings, ModelConfig, OutputConfig, RunConfig
-from .data import SampleDataset, load_conversation_splits
+from .data import DrawEpochCallback, SampleDataset, load_conversation_splits
 from .distributed import Distributed, start_distributed
 from .errors import UserError
 from .evaluation import evaluate
@@ -105,7 +105,7 @@ def make_trainer(model, processor, train_args: TrainingArguments, dataset, max_l
         data_collator=Phi3VTrainCollator(processor, max_length),
         train_dataset=dataset,
         processing_class=processor,  # saved with the model and in every checkpoint
-        callbacks=list(callbacks),
+        callbacks=[DrawEpochCallback(dataset), *callbacks],
         keep_checkpoints=keep_checkpoints,
     )
 
@@ -168,10 +168,14 @@ def _evaluate_and_report(
     model, processor, task: Task, dataset, path: Path, when: str, evaluation: EvaluationConfig,
     distributed: Distributed,
 ) -> float:
-    score = evaluate(model, processor, dataset, task.metric, path, evaluation, distributed)
+    report = evaluate(model, processor, dataset, task.metric, path, evaluation, distributed)
+    score = report[task.metric.name]
     logger.info("%s %s finetuning: %.4f (%d samples, %s)", task.metric.name, when, score, len(dataset), path)
     if distributed.is_main:
         print(f"{task.metric.name.upper()} {when} finetuning: {score:.4f}", flush=True)
+        if "anls_case_insensitive" in report:
+            print(f"ANLS (case-insensitive, as the DocVQA challenge) {when} finetuning: "
+                  f"{report['anls_case_insensitive']:.4f}", flush=True)
     return score
 
 

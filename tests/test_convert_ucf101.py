@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tarfile
 from contextlib import redirect_stderr, redirect_stdout
-from io import StringIO
+from io import BytesIO, StringIO
 from pathlib import Path
 
 import cv2
@@ -111,36 +111,39 @@ def converted(src_tree, tmp_path_factory):
     return out_dir, stdout, stderr
 
 
-def test_sample_frame_indices_is_rounded_linspace():
-    for frame_count in range(1, 60):
-        for num_frames in (1, 2, 3, 4, 8, 16):
-            expected = np.linspace(0, frame_count - 1, num_frames)
-            got = convert_ucf101.sample_frame_indices(frame_count, num_frames)
-            assert len(got) == num_frames
-            is_tie = np.isclose(expected % 1, 0.5)
-            assert np.array_equal(np.array(got)[~is_tie], np.round(expected[~is_tie]))
-            assert np.array_equal(np.array(got)[is_tie], np.ceil(expected[is_tie]))  # ties round up
-            assert got[0] == 0 and got[-1] == (frame_count - 1 if num_frames > 1 else 0)
-    assert convert_ucf101.sample_frame_indices(16, 8) == [0, 2, 4, 6, 9, 11, 13, 15]
-    assert convert_ucf101.sample_frame_indices(5, 8) == [0, 1, 1, 2, 2, 3, 3, 4]
-    assert convert_ucf101.sample_frame_indices(2, 3) == [0, 1, 1]
+def test_sample_frame_indices_are_the_recipes_arange():
+    """The recipe: np.arange(0, n, n / num_frames).astype(int), i.e. floor(k * n / num_frames); repeated
+    indices (videos shorter than num_frames) decode once."""
+    assert convert_ucf101.sample_frame_indices(16, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert convert_ucf101.sample_frame_indices(20, 8) == [0, 2, 5, 7, 10, 12, 15, 17]
+    assert convert_ucf101.sample_frame_indices(149, 8) == [0, 18, 37, 55, 74, 93, 111, 130]
+    assert convert_ucf101.sample_frame_indices(5, 8) == [0, 1, 2, 3, 4]
+    assert convert_ucf101.sample_frame_indices(1, 8) == [0]
+    for frame_count in range(1, 300):
+        for num_frames in (1, 3, 4, 8, 16):
+            expected = sorted({k * frame_count // num_frames for k in range(num_frames)})
+            assert convert_ucf101.sample_frame_indices(frame_count, num_frames) == expected
+
+
+def test_defaults_are_the_recipes():
+    args = convert_ucf101.parse_args([])
+    assert (args.out_dir, args.tmp_dir, args.num_frames, args.src) == (Path("ucf101"), Path("/tmp/ucf101"), 8, None)
 
 
 def test_output_tree(converted):
     out_dir, _, _ = converted
     assert sorted(p.name for p in out_dir.iterdir()) == [
+        ".convert_ucf101.frames.jsonl",
         ".convert_ucf101.json",
         "images",
         "ucf101_test.jsonl",
         "ucf101_train.jsonl",
         "ucf101_val.jsonl",
     ]
-    expected = set()
+    expected = {f"val/Archery/v_Archery_g98_c01.{i}.jpg" for i in range(5)}  # 5 frames: 5 kept
     for split in ("train", "val", "test"):
         for label in CLASSES:
             stems = [f"v_{label}_g01_c01", f"v_{label}_g02_c01"]
-            if (split, label) == ("val", "Archery"):
-                stems.append("v_Archery_g98_c01")
             expected |= {f"{split}/{label}/{stem}.{i}.jpg" for stem in stems for i in range(8)}
     got = {
         p.relative_to(out_dir / "images").as_posix() for p in (out_dir / "images").rglob("*") if p.is_file()
@@ -166,8 +169,7 @@ def test_jsonl_lines_and_ids(converted):
         '{"id": "val-0000000011", "source": "ucf101", "conversations": [{"images": ['
         '"val/Archery/v_Archery_g98_c01.0.jpg", "val/Archery/v_Archery_g98_c01.1.jpg", '
         '"val/Archery/v_Archery_g98_c01.2.jpg", "val/Archery/v_Archery_g98_c01.3.jpg", '
-        '"val/Archery/v_Archery_g98_c01.4.jpg", "val/Archery/v_Archery_g98_c01.5.jpg", '
-        '"val/Archery/v_Archery_g98_c01.6.jpg", "val/Archery/v_Archery_g98_c01.7.jpg"], '
+        '"val/Archery/v_Archery_g98_c01.4.jpg"], '
         '"user": "Classify the video into one of the following classes: ApplyEyeMakeup, Archery, BabyCrawling.", '
         '"assistant": "Archery"}]}'
     )
@@ -189,46 +191,62 @@ def test_jsonl_lines_and_ids(converted):
     assert all(text.endswith(b"\n") for text in read_jsonl_texts(out_dir).values())
 
 
-def test_frames_are_sampled_uniformly_in_order(converted):
+def test_frames_are_sampled_as_the_recipe_in_order(converted):
     out_dir, _, _ = converted
     prefix = out_dir / "images/test/Archery/v_Archery_g02_c01"
-    got = [frame_index_of(Path(f"{prefix}.{i}.jpg")) for i in range(8)]
-    assert got == [round(x) for x in np.linspace(0, 15, 8)] == [0, 2, 4, 6, 9, 11, 13, 15]
+    assert [frame_index_of(Path(f"{prefix}.{i}.jpg")) for i in range(8)] == [0, 2, 4, 6, 8, 10, 12, 14]
 
 
-def test_short_video_repeats_frames(converted):
+def test_short_video_keeps_each_frame_once(converted):
     out_dir, _, _ = converted
     prefix = out_dir / "images/val/Archery/v_Archery_g98_c01"
-    assert [frame_index_of(Path(f"{prefix}.{i}.jpg")) for i in range(8)] == [0, 1, 1, 2, 2, 3, 3, 4]
+    assert [frame_index_of(Path(f"{prefix}.{i}.jpg")) for i in range(5)] == [0, 1, 2, 3, 4]
+    assert not Path(f"{prefix}.5.jpg").exists()
 
 
-def test_frame_count_comes_from_decoding_not_the_header(tmp_path):
+def test_frames_are_pyav_rgb24_saved_with_pils_jpeg_defaults(converted, src_tree):
+    """The recipe: frame.to_ndarray(format="rgb24") -> PIL image -> image.save("....jpg")."""
+    import av
+    from PIL import Image
+
+    out_dir, _, _ = converted
+    with av.open(str(src_tree / "train/Archery/v_Archery_g01_c01.avi")) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    for i, index in enumerate([0, 2, 4, 6, 8, 10, 12, 14]):
+        expected = BytesIO()
+        Image.fromarray(frames[index]).convert("RGB").save(expected, format="JPEG")
+        assert (out_dir / f"images/train/Archery/v_Archery_g01_c01.{i}.jpg").read_bytes() == expected.getvalue()
+
+
+def test_a_video_whose_decoding_ends_early_keeps_the_frames_that_decoded(tmp_path):
+    import av
+
     video = write_video(tmp_path / "src/train/Archery/v_Archery_g01_c01.avi", num_frames=16)
     data = video.read_bytes()
     video.write_bytes(data[: int(len(data) * 0.8)])  # cut off the tail frames and the AVI index
-    capture = cv2.VideoCapture(str(video))
-    header_count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    decodable = 0
-    while capture.grab():
-        decodable += 1
-    capture.release()
+    with av.open(str(video)) as container:
+        header_count = container.streams.video[0].frames
+        decodable = convert_ucf101.count_decodable_frames(container)
     if not 0 < decodable < header_count:
-        pytest.skip(f"this OpenCV build reads the truncated file differently ({header_count=}, {decodable=})")
+        pytest.skip(f"this FFmpeg build reads the truncated file differently ({header_count=}, {decodable=})")
     out_dir = tmp_path / "out"
     run_main(["--src", str(tmp_path / "src"), "--out_dir", str(out_dir), "--num_workers", "1"])
+    kept = [i for i in convert_ucf101.sample_frame_indices(header_count, 8) if i < decodable]
     prefix = out_dir / "images/train/Archery/v_Archery_g01_c01"
-    got = [frame_index_of(Path(f"{prefix}.{i}.jpg")) for i in range(8)]
-    assert got == convert_ucf101.sample_frame_indices(decodable, 8)
+    assert [frame_index_of(Path(f"{prefix}.{i}.jpg")) for i in range(len(kept))] == kept
+    assert not Path(f"{prefix}.{len(kept)}.jpg").exists()
+    record = json.loads((out_dir / "ucf101_train.jsonl").read_text())
+    assert len(record["conversations"][0]["images"]) == len(kept)
 
 
 def test_corrupt_and_empty_videos_are_reported_and_skipped(converted, src_tree):
     out_dir, stdout, stderr = converted
     warnings = [line for line in stderr.splitlines() if line.startswith("WARNING")]
     assert warnings == [
-        f"WARNING: skipping {src_tree}/train/Archery/v_Archery_g99_c01.avi: cannot be opened",
+        f"WARNING: skipping {src_tree}/train/Archery/v_Archery_g99_c01.avi: cannot be decoded",
         f"WARNING: skipping {src_tree}/test/BabyCrawling/v_BabyCrawling_g99_c01.avi: empty file",
     ]
-    assert "  train: 6 videos converted (0 already present), 1 skipped (1 cannot be opened)" in stdout
+    assert "  train: 6 videos converted (0 already present), 1 skipped (1 cannot be decoded)" in stdout
     assert "  val: 7 videos converted (0 already present), 0 skipped" in stdout
     assert "  test: 6 videos converted (0 already present), 1 skipped (1 empty file)" in stdout
     assert not (out_dir / "images/train/Archery/v_Archery_g99_c01.0.jpg").exists()
@@ -260,16 +278,38 @@ def test_interrupted_run_is_finished_without_duplicates(converted, src_tree, tmp
     assert redone == {f"images/val/Archery/v_Archery_g01_c01.{i}.jpg" for i in range(8)}
 
 
+def test_frames_of_a_video_not_recorded_as_converted_are_redone(converted, src_tree, tmp_path):
+    """Frames are known complete only from the frames record (a short video keeps fewer than num_frames)."""
+    out_dir = tmp_path / "out"
+    shutil.copytree(converted[0], out_dir)
+    record = out_dir / ".convert_ucf101.frames.jsonl"
+    lines = record.read_text().splitlines()
+    record.write_text("\n".join(lines[1:]) + '\n{"index": 0, "fra')  # lost the first video's line; cut tail
+    mtimes = frame_mtimes(out_dir)
+    run_main(["--src", str(src_tree), "--out_dir", str(out_dir), "--num_workers", "1"])
+    redone = {name for name, mtime in frame_mtimes(out_dir).items() if mtimes.get(name) != mtime}
+    assert redone == {f"images/train/ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.{i}.jpg" for i in range(8)}
+    assert read_jsonl_texts(out_dir) == read_jsonl_texts(converted[0])
+
+
 def test_archive_source_matches_folder_source_in_parallel(converted, src_tree, tmp_path):
     archive = tmp_path / "UCF101_subset.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(src_tree, arcname="UCF101_subset")
     out_dir = tmp_path / "out"
-    _, stderr = run_main(["--src", str(archive), "--out_dir", str(out_dir), "--num_workers", "2"])
+    tmp_dir = tmp_path / "extracted"
+    _, stderr = run_main(["--src", str(archive), "--out_dir", str(out_dir), "--num_workers", "2",
+                          "--tmp_dir", str(tmp_dir)])
     assert read_jsonl_texts(out_dir) == read_jsonl_texts(converted[0])
+    assert not tmp_dir.exists()  # extracted under --tmp_dir, removed afterwards
     frame = "images/val/Archery/v_Archery_g98_c01.3.jpg"
     assert (out_dir / frame).read_bytes() == (converted[0] / frame).read_bytes()
     assert f"WARNING: skipping {archive}/UCF101_subset/train/Archery/v_Archery_g99_c01.avi" in stderr
+
+    (tmp_dir / "keep").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"--tmp_dir .*extracted already exists and is not an empty folder"):
+        run_main(["--src", str(archive), "--out_dir", str(tmp_path / "out2"), "--tmp_dir", str(tmp_dir)])
+    assert (tmp_dir / "keep").is_dir()
     assert not (out_dir / ".staging").exists()
 
 
@@ -287,7 +327,7 @@ def test_default_source_is_the_hub_archive(converted, src_tree, tmp_path, monkey
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     out_dir = tmp_path / "out"
-    run_main(["--out_dir", str(out_dir), "--num_workers", "1"])
+    run_main(["--out_dir", str(out_dir), "--num_workers", "1", "--tmp_dir", str(tmp_path / "extracted")])
     assert requested == [
         {"repo_id": "sayakpaul/ucf101-subset", "filename": "UCF101_subset.tar.gz", "repo_type": "dataset"}
     ]
@@ -308,7 +348,7 @@ def test_offline_default_source_is_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline_download)
     with pytest.raises(UserError, match="Could not download UCF101_subset.tar.gz .* pass it with --src"):
-        run_main(["--out_dir", str(tmp_path / "out")])
+        run_main(["--out_dir", str(tmp_path / "out"), "--tmp_dir", str(tmp_path / "extracted")])
     assert not (tmp_path / "out").exists()
 
 
@@ -319,8 +359,9 @@ def test_unsafe_archive_is_refused(tmp_path):
         tar.add(payload, arcname="train/Archery/v_Archery_g01_c01.avi")
         tar.add(payload, arcname="../escaped.avi")
     with pytest.raises(UserError, match="unsafe member path '../escaped.avi'"):
-        run_main(["--src", str(archive), "--out_dir", str(tmp_path / "out")])
+        run_main(["--src", str(archive), "--out_dir", str(tmp_path / "out"), "--tmp_dir", str(tmp_path / "x")])
     assert not (tmp_path.parent / "escaped.avi").exists()
+    assert not (tmp_path / "x").exists()
     assert not (tmp_path / "out").exists()
 
 
@@ -339,6 +380,7 @@ def test_out_dir_from_other_source_needs_overwrite(converted, src_tree, tmp_path
 
     run_main(["--src", str(other_root), "--out_dir", str(out_dir), "--overwrite", "--num_frames", "3"])
     assert sorted(p.name for p in out_dir.iterdir()) == [
+        ".convert_ucf101.frames.jsonl",
         ".convert_ucf101.json",
         "images",
         "ucf101_train.jsonl",

@@ -145,41 +145,38 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
     def merge_image_features(
         self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: list[torch.Tensor]
     ) -> torch.Tensor:
-        """Write image features over the `-N` placeholder spans of `input_ids`.
+        """Write image features over the placeholder spans of `input_ids`, in the order the spans appear.
 
-        `image_features` holds the images of all samples in order (sample 0's images 1..n0, then sample 1's,
-        ...). Within a sample, a span of `-N` takes image N; a tag may be repeated. Every span must be exactly
-        as long as its image's features, and every image must be used.
+        As in the original model, the k-th span (row by row, left to right) takes the k-th image of
+        `image_features` (the batch's images in sample order), whatever its `-N` number: a conversation whose
+        turns each number their images from 1 gets every turn's images in place. A span is a run of equal
+        negative ids; there must be one per image, each exactly as long as its image's features.
         """
         rows, cols = (input_ids < 0).nonzero(as_tuple=True)
-        tags = -input_ids[rows, cols]
-        images_per_sample = torch.zeros(input_ids.shape[0], dtype=tags.dtype, device=tags.device)
-        images_per_sample = images_per_sample.scatter_reduce(0, rows, tags, reduce="amax")
-        if int(images_per_sample.sum()) != len(image_features):
-            raise ValueError(
-                f"input_ids reference {int(images_per_sample.sum())} images (placeholders per sample: "
-                f"{images_per_sample.tolist()}) but pixel_values hold {len(image_features)}"
-            )
-        image_index = (images_per_sample.cumsum(0) - images_per_sample)[rows] + tags - 1
-
+        values = input_ids[rows, cols]
         starts_span = torch.ones_like(rows, dtype=torch.bool)
-        starts_span[1:] = (image_index[1:] != image_index[:-1]) | (cols[1:] != cols[:-1] + 1)
+        starts_span[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + 1) | (values[1:] != values[:-1])
         span_id = starts_span.cumsum(0) - 1
         span_start = starts_span.nonzero().squeeze(1)
-        span_image = image_index[span_start]
-        lengths = torch.tensor([len(f) for f in image_features], device=tags.device)
-        span_lengths = torch.bincount(span_id)
-        if not torch.equal(span_lengths, lengths[span_image]):
-            bad = int((span_lengths != lengths[span_image]).nonzero()[0])
+        if len(span_start) != len(image_features):
             raise ValueError(
-                f"sample {int(rows[span_start[bad]])}: the span of image {int(tags[span_start[bad]])} has "
-                f"{int(span_lengths[bad])} placeholder tokens but the image has {int(lengths[span_image[bad]])} "
-                "features (image_sizes or num_crops do not match the prompt)"
+                f"input_ids hold {len(span_start)} image placeholder spans (per sample: "
+                f"{torch.bincount(rows[span_start], minlength=input_ids.shape[0]).tolist()}) but pixel_values hold "
+                f"{len(image_features)} images"
+            )
+        lengths = torch.tensor([len(f) for f in image_features], device=rows.device)
+        span_lengths = torch.bincount(span_id, minlength=len(image_features))
+        if not torch.equal(span_lengths, lengths):
+            bad = int((span_lengths != lengths).nonzero()[0])
+            raise ValueError(
+                f"sample {int(rows[span_start[bad]])}: image placeholder span {bad} (tag {-int(values[span_start[bad]])}) "
+                f"has {int(span_lengths[bad])} tokens but its image has {int(lengths[bad])} features (image_sizes or "
+                "num_crops do not match the prompt)"
             )
         offset_in_span = torch.arange(len(rows), device=rows.device) - span_start[span_id]
         feature_start = lengths.cumsum(0) - lengths
         flat_features = torch.cat(image_features).to(inputs_embeds.dtype)
-        return inputs_embeds.index_put((rows, cols), flat_features[feature_start[image_index] + offset_in_span])
+        return inputs_embeds.index_put((rows, cols), flat_features[feature_start[span_id] + offset_in_span])
 
     def embed_inputs(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, BatchFeature
+from transformers import BatchFeature, TokenizersBackend
 from transformers.processing_utils import ProcessorMixin
 
 from .image_processing_phi3_v import Phi3VImageProcessor
@@ -83,7 +83,7 @@ def _batch_layout(text: str | list[str], images: Any) -> tuple[list[str], list[l
 
 
 class Phi3VProcessor(ProcessorMixin):
-    """Wraps a `Phi3VImageProcessor` and the checkpoint's tokenizer (any `AutoTokenizer` class)."""
+    """Wraps a `Phi3VImageProcessor` and the checkpoint's tokenizer (its tokenizer.json pipeline, unchanged)."""
 
     def __init__(self, image_processor: Phi3VImageProcessor, tokenizer: Any) -> None:
         super().__init__(image_processor, tokenizer)
@@ -160,24 +160,32 @@ class Phi3VProcessor(ProcessorMixin):
         return BatchFeature(data=data)
 
     def encode_prompt(self, prompt: str, tokens_per_image: list[int]) -> list[int]:
-        """Ids of one prompt whose `<|image_N|>` tags refer to images with the given token counts.
+        """Ids of one prompt whose k-th `<|image_N|>` tag stands for the k-th of the given images.
 
-        Unlike `__call__`, the prompt need not use every image: a multi-turn conversation is encoded turn by
-        turn, each turn's tags numbered across the whole conversation.
+        Unlike `__call__`, tags are matched to images by position, not by number: the recipe numbers every
+        turn's images from 1, so a conversation's prompt may repeat numbers. Each tag still emits `-N`, as the
+        original processor does; the model fills the spans with the images in the order the spans appear.
         """
         parts = IMAGE_TAG.split(prompt)
         chunks, image_ids = parts[::2], [int(number) for number in parts[1::2]]
-        unknown = sorted({n for n in image_ids if not 1 <= n <= len(tokens_per_image)})
-        if unknown:
-            raise ValueError(f"prompt refers to image(s) {unknown} but {_plural(len(tokens_per_image), 'image')} given")
-        return self._interleave(chunks, image_ids, tokens_per_image)
+        if len(image_ids) != len(tokens_per_image):
+            raise ValueError(
+                f"prompt has {_plural(len(image_ids), 'image tag')} but {_plural(len(tokens_per_image), 'image')} "
+                f"{'was' if len(tokens_per_image) == 1 else 'were'} given"
+            )
+        return self._join(self.tokenizer(chunks).input_ids, image_ids, tokens_per_image)
 
     def _interleave(self, chunks: list[str], image_ids: list[int], tokens_per_image: list[int]) -> list[int]:
         """Tokenize each chunk separately and put `[-N] * tokens_per_image[N - 1]` between consecutive chunks."""
-        chunk_ids = self.tokenizer(chunks).input_ids
+        counts = [tokens_per_image[image_id - 1] for image_id in image_ids]
+        return self._join(self.tokenizer(chunks).input_ids, image_ids, counts)
+
+    @staticmethod
+    def _join(chunk_ids: list[list[int]], image_ids: list[int], span_lengths: list[int]) -> list[int]:
+        """Chunk ids with a span of `span_lengths[k]` copies of `-image_ids[k]` after chunk k."""
         input_ids = list(chunk_ids[0])
-        for image_id, next_chunk in zip(image_ids, chunk_ids[1:], strict=True):
-            input_ids += [-image_id] * tokens_per_image[image_id - 1]
+        for image_id, length, next_chunk in zip(image_ids, span_lengths, chunk_ids[1:], strict=True):
+            input_ids += [-image_id] * length
             input_ids += next_chunk
         return input_ids
 
@@ -216,9 +224,10 @@ class Phi3VProcessor(ProcessorMixin):
         image_processor = Phi3VImageProcessor.from_pretrained(
             pretrained_model_name_or_path, **kwargs, **image_kwargs
         )
-        tokenizer = AutoTokenizer.from_pretrained(
-            pretrained_model_name_or_path, trust_remote_code=False, **kwargs
-        )
+        # The tokenizer.json pipeline as serialized, as the recipe's stack (transformers 4.4x) ran it. The
+        # Llama class of transformers 5 rebuilds it with another prefix-space rule: "<|user|>\n" would lose
+        # the "▁" token the model was trained with (Phi-3.5-vision: 29871 before every "\n" after a tag).
+        tokenizer = TokenizersBackend.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return [image_processor, tokenizer]
 
 

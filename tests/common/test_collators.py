@@ -1,20 +1,26 @@
-"""common/collators.py: the recipe's token layout for training and the left-padded generation batches."""
+"""common/collators.py: the recipe's token layout for training and the left-padded generation batches, with
+the tiny byte-level tokenizer and with Phi-3.5-vision's real one."""
+
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-from common.collators import IGNORE_INDEX, Phi3VEvalCollator, Phi3VTrainCollator, image_tags
-from common.data import Sample, Turn
+from common.collators import IGNORE_INDEX, Phi3VEvalCollator, Phi3VTrainCollator
+from common.data import Sample, Turn, image_tags
 
 END = "<|end|>\n"
 EOS = "<|endoftext|>"
 
 
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir):
-    return AutoProcessor.from_pretrained(tiny_model_dir)
+REAL_PROCESSOR = Path(__file__).resolve().parents[1] / "fixtures" / "phi35v_processor"
+
+
+@pytest.fixture(scope="module", params=["tiny", "real"])
+def processor(request, tiny_model_dir):
+    return AutoProcessor.from_pretrained(tiny_model_dir if request.param == "tiny" else REAL_PROCESSOR, num_crops=4)
 
 
 def tokens(processor, text: str) -> list[int]:
@@ -43,10 +49,19 @@ def single_turn(sample_id="s1", image=RED, question="What is shown?", answer="A 
     return Sample(sample_id, [Turn(question, answer, [image] if image is not None else [])])
 
 
-def test_image_tags():
-    assert image_tags(1, 0) == ""
-    assert image_tags(1, 2) == "<|image_1|>\n<|image_2|>\n"
-    assert image_tags(3, 1) == "<|image_3|>\n"
+def test_image_tags_are_concatenated_from_1():
+    assert image_tags(0) == ""
+    assert image_tags(2) == "<|image_1|><|image_2|>"
+
+
+def test_real_tokenizer_encodes_as_the_recipes_stack():
+    """Measured under transformers 4.45 (the recipe's stack): the "▁" (29871) before a newline after a tag."""
+    tokenizer = AutoProcessor.from_pretrained(REAL_PROCESSOR).tokenizer
+    assert tokenizer("<|user|>\nHi there<|end|>\n<|assistant|>\n").input_ids == [
+        1, 32010, 29871, 13, 18567, 727, 32007, 29871, 13, 32001
+    ]
+    assert tokenizer("yes<|end|>\n<|endoftext|>", add_special_tokens=False).input_ids == [4874, 32007, 29871, 13, 32000]
+    assert tokenizer("").input_ids == [1]  # the empty chunk between two image tags
 
 
 def test_chat_template_is_phi3s(processor):
@@ -63,6 +78,7 @@ def test_single_turn_layout_is_the_recipes(processor):
     """ids = processor(prompt, images).input_ids + tokenizer(answer<|end|>\\n<|endoftext|>), labels -100 then answer."""
     batch = Phi3VTrainCollator(processor)([single_turn()])
     expected_prompt = prompt_ids(processor, "<|image_1|>\nWhat is shown?", [RED])
+    assert processor.tokenizer.convert_tokens_to_ids("<|assistant|>") in expected_prompt[-2:]
     expected_answer = tokens(processor, "A red square" + END + EOS)
     ids = batch["input_ids"][0].tolist()
     assert ids == expected_prompt + expected_answer
@@ -92,9 +108,8 @@ def test_the_final_endoftext_is_labelled_although_it_is_the_pad_token(processor)
     for row in range(2):
         last = int(batch["attention_mask"][row].sum()) - 1
         assert batch["input_ids"][row, last] == tokenizer.eos_token_id
-        assert batch["labels"][row, last] == tokenizer.eos_token_id
-        assert batch["labels"][row, last - 1] == tokens(processor, "\n")[-1]
-        assert batch["labels"][row, last - 2] == tokenizer.convert_tokens_to_ids("<|end|>")
+        tail = tokens(processor, END + EOS)
+        assert batch["labels"][row, last + 1 - len(tail) : last + 1].tolist() == tail
 
 
 def test_right_padding(processor):
@@ -112,31 +127,41 @@ def test_right_padding(processor):
     assert batch["attention_mask"][1].all()  # the longest row is not padded
 
 
-def test_multi_turn_layout(processor):
+def test_multi_turn_layout_numbers_each_turns_images_from_1(processor):
+    """phi3v_dataset.py: every turn its own processor call (tags from 1, BOS first), every answer closed by
+    <|end|>\n<|endoftext|>; a turn without images keeps the newline after the (absent) tags."""
     sample = Sample("conv", [
         Turn("Describe the first image.", "Red", [RED]),
-        Turn("And the second?", "Green", [TALL]),
+        Turn("And the second?", "Green", [TALL, WIDE]),
         Turn("Which was first?", "The red one"),
     ])
     batch = Phi3VTrainCollator(processor)([sample])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
 
-    turn2_prompt = prompt_ids(processor, "<|image_1|>\nAnd the second?", [TALL])
-    turn2_prompt = [-2 if token == -1 else token for token in turn2_prompt]  # numbered across the conversation
     parts = [
         (prompt_ids(processor, "<|image_1|>\nDescribe the first image.", [RED]), False),
-        (tokens(processor, "Red" + END), True),  # earlier answers end with <|end|>\n only
-        (turn2_prompt, False),
-        (tokens(processor, "Green" + END), True),
-        (prompt_ids(processor, "Which was first?", []), False),
-        (tokens(processor, "The red one" + END + EOS), True),  # only the last adds <|endoftext|>
+        (tokens(processor, "Red" + END + EOS), True),
+        (prompt_ids(processor, "<|image_1|><|image_2|>\nAnd the second?", [TALL, WIDE]), False),
+        (tokens(processor, "Green" + END + EOS), True),
+        (prompt_ids(processor, "\nWhich was first?", []), False),
+        (tokens(processor, "The red one" + END + EOS), True),
     ]
     assert ids == [token for part, _ in parts for token in part]
     assert labels == [token if labelled else IGNORE_INDEX for part, labelled in parts for token in part]
-    assert ids.count(-1) == image_token_count(processor, RED)
-    assert ids.count(-2) == image_token_count(processor, TALL)
-    assert ids.count(processor.tokenizer.eos_token_id) == 1
-    assert torch.equal(batch["image_sizes"], processor.image_processor([RED, TALL])["image_sizes"])
+    assert ids.count(-1) == image_token_count(processor, RED) + image_token_count(processor, TALL)
+    assert ids.count(-2) == image_token_count(processor, WIDE)
+    assert ids.count(processor.tokenizer.eos_token_id) == 3
+    assert ids.count(processor.tokenizer.bos_token_id) == 3 + 3  # one per turn, one after each image
+    assert torch.equal(batch["image_sizes"], processor.image_processor([RED, TALL, WIDE])["image_sizes"])
+
+
+def test_bare_text_turns_are_the_text_alone(processor):
+    """the_cauldron scripts (NLVR2): later turns are `{user}` without images or newline."""
+    sample = Sample("nlvr2", [Turn("Is it so?", "True", [RED, TALL]), Turn("Really?", "False")], bare_text_turns=True)
+    ids = Phi3VTrainCollator(processor)([sample])["input_ids"][0].tolist()
+    expected = (prompt_ids(processor, "<|image_1|><|image_2|>\nIs it so?", [RED, TALL]) + tokens(processor, "True" + END + EOS)
+                + prompt_ids(processor, "Really?", []) + tokens(processor, "False" + END + EOS))
+    assert ids == expected
 
 
 def test_pixel_values_follow_sample_order_and_mix_with_image_free_samples(processor, tiny_model_dir):
@@ -157,6 +182,8 @@ def test_pixel_values_follow_sample_order_and_mix_with_image_free_samples(proces
     # two images in one user message: both tags come first, numbered 1 and 2
     first_image = ids[0].tolist().index(-1)
     assert ids[0].tolist().index(-2) > first_image
+    if processor.tokenizer.vocab_size > 1000:
+        return  # the tiny model's vocabulary is the tiny tokenizer's
     # and the model accepts the layout (each span matches its image's features)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     with torch.no_grad():
@@ -182,7 +209,7 @@ def test_max_length_names_the_sample_and_the_lengths(processor):
 
 def test_a_tag_typed_into_the_text_names_the_sample(processor):
     sample = Sample("typed-tag", [Turn("look at <|image_2|> please", "ok", [RED])])
-    with pytest.raises(ValueError, match=r"sample typed-tag: .*\[2\]"):
+    with pytest.raises(ValueError, match=r"sample typed-tag: prompt has 2 image tags but 1 image was given"):
         Phi3VTrainCollator(processor)([sample])
 
 
@@ -199,7 +226,9 @@ def test_eval_batch_is_left_padded_prompts_without_the_last_answer(processor):
     assert batch["references"] == [["blue"], ["two", "2"]]
 
     first = prompt_ids(processor, "<|image_1|>\nWhat colour is this long image?", [WIDE])
-    second = prompt_ids(processor, "First?", []) + tokens(processor, "one" + END) + prompt_ids(processor, "Second?", [])
+    history = [{"role": "user", "content": "\nFirst?"}, {"role": "assistant", "content": "one" + END + EOS},
+               {"role": "user", "content": "\nSecond?"}]
+    second = processor.tokenizer(processor.tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)).input_ids
     width = batch["input_ids"].shape[1]
     assert width == max(len(first), len(second))
     rows = [first, second]
@@ -207,7 +236,7 @@ def test_eval_batch_is_left_padded_prompts_without_the_last_answer(processor):
         pad = width - len(expected)
         assert batch["input_ids"][row].tolist() == [processor.tokenizer.pad_token_id] * pad + expected
         assert batch["attention_mask"][row].tolist() == [0] * pad + [1] * len(expected)
-        assert expected[-2:] == tokens(processor, "<|assistant|>\n")  # every row ends ready to answer
+        assert processor.tokenizer.convert_tokens_to_ids("<|assistant|>") in expected[-2:]  # ready to answer
     assert batch["attention_mask"][1, 0] == 0  # the shorter row is padded on the left
     assert "labels" not in batch
     assert torch.equal(batch["pixel_values"], processor.image_processor([WIDE])["pixel_values"])
@@ -217,5 +246,5 @@ def test_eval_batch_is_left_padded_prompts_without_the_last_answer(processor):
 def test_eval_batch_without_images(processor):
     batch = Phi3VEvalCollator(processor)([single_turn("t", image=None, answer="yes")])
     assert set(batch) == {"input_ids", "attention_mask", "ids", "references"}
-    assert batch["input_ids"][0].tolist() == prompt_ids(processor, "What is shown?", [])
+    assert batch["input_ids"][0].tolist() == prompt_ids(processor, "\nWhat is shown?", [])
     assert batch["references"] == [["yes"]]

@@ -2,19 +2,23 @@
 
 import io
 import json
+import random
 from pathlib import Path
 
 import datasets
 import pytest
+import torch
 from PIL import Image
 
 from common import data as data_module
 from common.data import (
+    DrawEpochCallback,
     Sample,
     SampleDataset,
     Turn,
     base_dir_of,
     find_split_file,
+    first_images,
     load_cauldron_splits,
     load_conversation_splits,
     load_split,
@@ -282,7 +286,7 @@ def test_hub_rows_are_checked_when_encoded_not_up_front():
 # ---- SampleDataset.subset -----------------------------------------------------------------------------
 
 
-def _row_sample(row, index: int) -> Sample:
+def _row_sample(row, index: int, draws) -> Sample:
     return Sample(id=row["name"], turns=[Turn(row["question"], row["answer"])])
 
 
@@ -409,31 +413,42 @@ def cauldron_copy(tmp_path) -> Path:
     return path
 
 
+def first_pair(row, index: int, draws) -> Sample:
+    text = row["texts"][0]
+    return Sample(f"rows-{index}", [Turn(text["user"], text["assistant"], list(row["images"]))])
+
+
+def drawn_pair(row, index: int, draws) -> Sample:
+    text = draws.choice(row["texts"])
+    return Sample(f"rows-{index}", [Turn(text["user"], text["assistant"], list(row["images"]))])
+
+
 def test_cauldron_holds_out_the_first_rows_for_evaluation(cauldron_copy):
-    train, evaluation = load_cauldron_splits("nlvr2", str(cauldron_copy), eval_size=2)
+    train, evaluation = load_cauldron_splits("nlvr2", str(cauldron_copy), 2, first_pair, first_pair)
     assert (len(train), len(evaluation)) == (4, 2)
-    assert [evaluation[i].id for i in range(2)] == ["nlvr2-0", "nlvr2-1"]
-    assert [train[i].id for i in range(4)] == ["nlvr2-2", "nlvr2-3", "nlvr2-4", "nlvr2-5"]
+    assert [evaluation[i].id for i in range(2)] == ["rows-0", "rows-1"]
+    assert [train[i].id for i in range(4)] == ["rows-2", "rows-3", "rows-4", "rows-5"]  # row indices
     assert [evaluation[i].turns[0].user for i in range(2)] == ["question 0", "question 1"]
     assert train[0].turns[0].assistant == "answer 2"
-    assert train[0].references == ["answer 2"]
-
-
-def test_cauldron_keeps_every_image_and_the_first_question_as_the_recipe(cauldron_copy):
-    train, evaluation = load_cauldron_splits("nlvr2", str(cauldron_copy), eval_size=2)
     two_images = train[0]  # row 2
     assert [image.size for image in two_images.images] == [(12, 5), (12, 6)]
     assert all(isinstance(image, Image.Image) for image in two_images.images)
-    assert evaluation[0].images == []  # row 0 has none
-    two_pairs = evaluation[1]  # row 1: one image, two question/answer pairs: the recipe uses the first
-    assert len(two_pairs.turns) == 1 and len(two_pairs.images) == 1
-    assert (two_pairs.turns[0].user, two_pairs.references) == ("question 1", ["answer 1"])
 
 
 def test_cauldron_eval_size_larger_than_the_data(cauldron_copy):
-    train, evaluation = load_cauldron_splits("hateful_memes", str(cauldron_copy), eval_size=100)
+    train, evaluation = load_cauldron_splits("hateful_memes", str(cauldron_copy), 100, first_pair, first_pair)
     assert (len(train), len(evaluation)) == (0, 6)
-    assert evaluation[5].id == "hateful_memes-5"
+    assert evaluation[5].id == "rows-5"
+
+
+def test_first_images_names_the_sample():
+    row = {"images": ["a", "b", "c"]}
+    assert first_images(row, "s", 1) == ["a"]
+    assert first_images({"images": ["a", "b"]}, "s", 2, exact=True) == ["a", "b"]
+    with pytest.raises(ValueError, match="sample s: expected exactly 2 image"):
+        first_images(row, "s", 2, exact=True)
+    with pytest.raises(ValueError, match="sample t: expected 1 image.*found 0"):
+        first_images({"images": []}, "t", 1)
 
 
 def test_cauldron_from_a_jsonl_copy_resolves_image_paths_next_to_the_file(tmp_path):
@@ -443,9 +458,9 @@ def test_cauldron_from_a_jsonl_copy_resolves_image_paths_next_to_the_file(tmp_pa
         {"images": ["img/a.png"], "texts": [{"user": "hateful?", "assistant": "no"}]},
         {"images": ["img/b.png"], "texts": [{"user": "hateful?", "assistant": "yes"}]},
     ])
-    train, evaluation = load_cauldron_splits("hateful_memes", str(path), eval_size=1)
+    train, evaluation = load_cauldron_splits("hateful_memes", str(path), 1, first_pair, first_pair)
     assert evaluation[0].images[0].size == (7, 3)
-    assert train[0].images[0].size == (9, 3) and train[0].id == "hateful_memes-1"
+    assert train[0].images[0].size == (9, 3) and train[0].id == "rows-1"
 
 
 def test_cauldron_reads_the_hub_when_no_copy_is_given(monkeypatch):
@@ -456,30 +471,113 @@ def test_cauldron_reads_the_hub_when_no_copy_is_given(monkeypatch):
         return datasets.Dataset.from_dict({"images": [[], []], "texts": [[{"user": "u", "assistant": "a"}]] * 2})
 
     monkeypatch.setattr(data_module, "load_split", fake_load_split)
-    train, evaluation = load_cauldron_splits("nlvr2", None, eval_size=1)
+    train, evaluation = load_cauldron_splits("nlvr2", None, 1, first_pair, first_pair)
     assert seen == [("HuggingFaceM4/the_cauldron", "nlvr2", "train", None)]
     assert (len(train), len(evaluation)) == (1, 1) and train.base_dir is None
 
 
 def test_cauldron_ids_survive_subsetting(cauldron_copy):
-    train, evaluation = load_cauldron_splits("nlvr2", str(cauldron_copy), eval_size=4)
+    train, evaluation = load_cauldron_splits("nlvr2", str(cauldron_copy), 4, first_pair, first_pair)
     shard = evaluation.subset([1, 3])  # what generate_predictions does on rank 1 of 2
-    assert [shard[i].id for i in range(2)] == ["nlvr2-1", "nlvr2-3"]
-    assert [train.subset([1])[0].id] == ["nlvr2-5"]
+    assert [shard[i].id for i in range(2)] == ["rows-1", "rows-3"]
+    assert [train.subset([1])[0].id] == ["rows-5"]
+
+
+# ---- random draws: (seed, epoch, row index) -----------------------------------------------------------
+
+
+def many_pairs(count: int = 8, pairs: int = 50) -> list[dict]:
+    return [{"images": [], "texts": [{"user": f"q{i}-{k}", "assistant": f"a{k}"} for k in range(pairs)]}
+            for i in range(count)]
+
+
+def drawn(dataset) -> list[str]:
+    return [dataset[i].turns[0].user for i in range(len(dataset))]
+
+
+def test_draws_depend_on_seed_epoch_and_row_only():
+    dataset = SampleDataset(many_pairs(), drawn_pair, seed=1)
+    first = drawn(dataset)
+    assert first == drawn(SampleDataset(many_pairs(), drawn_pair, seed=1))  # reproducible
+    assert [dataset[i].turns[0].user for i in reversed(range(8))] == first[::-1]  # order does not matter
+    assert first != drawn(SampleDataset(many_pairs(), drawn_pair, seed=2))
+    dataset.set_epoch(1)
+    second_epoch = drawn(dataset)
+    assert second_epoch != first  # a fresh draw every epoch
+    dataset.set_epoch(0)
+    assert drawn(dataset) == first  # a resumed epoch draws the same again
+    assert dataset.subset([3])[0].turns[0].user == first[3]  # a subset draws as its original rows
+
+
+def test_the_epoch_callback_follows_the_trainers_epoch():
+    from transformers import TrainerControl, TrainerState
+
+    dataset = SampleDataset(many_pairs(), drawn_pair)
+    callback = DrawEpochCallback(dataset)
+    for epoch, expected in ((0, 0), (2.0, 2), (1.5, 1), (None, 0)):  # fresh, next epoch, resumed mid-epoch
+        callback.on_epoch_begin(None, TrainerState(epoch=epoch), TrainerControl())
+        assert dataset.epoch == expected
 
 
 def test_datasets_pickle_for_spawned_workers(cauldron_copy, generic_dir):
     """DataLoader workers started with spawn/forkserver receive the dataset pickled: no lambdas or closures."""
     import pickle
 
-    train, evaluation = load_cauldron_splits("nlvr2", str(cauldron_copy), eval_size=2)
+    train, evaluation = load_cauldron_splits("nlvr2", str(cauldron_copy), 2, first_pair, first_pair)
     generic_train, _ = load_conversation_splits(str(generic_dir))
+    train.set_epoch(3)
     for dataset in (train, evaluation.subset([1]), generic_train.subset([1, 0])):
         restored = pickle.loads(pickle.dumps(dataset))
         assert [restored[i].id for i in range(len(restored))] == [dataset[i].id for i in range(len(dataset))]
+        assert restored.epoch == dataset.epoch
 
 
 def test_text_only_samples_are_detected_in_the_generic_format(generic_dir, cauldron_copy):
     train, evaluation = load_conversation_splits(str(generic_dir))
     assert train.has_text_only_samples() and not evaluation.has_text_only_samples()
-    assert not load_cauldron_splits("nlvr2", str(cauldron_copy), eval_size=2)[0].has_text_only_samples()
+    assert not load_cauldron_splits("nlvr2", str(cauldron_copy), 2, first_pair, first_pair)[0].has_text_only_samples()
+
+
+class _DrawRecorder(torch.nn.Module):
+    """Stands in for the model: records which row and which drawn pair every training step saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def forward(self, rows, pairs):
+        self.seen += list(zip(rows.tolist(), pairs.tolist(), strict=True))
+        return {"loss": self.weight.sum() * 0 + self.weight.square().sum()}
+
+
+def _collate_draws(samples: list[Sample]) -> dict:
+    return {
+        "rows": torch.tensor([int(sample.id.split("-")[1]) for sample in samples]),
+        "pairs": torch.tensor([int(sample.turns[0].assistant[1:]) for sample in samples]),
+    }
+
+
+def test_each_epoch_draws_afresh_in_data_loader_workers_under_the_trainer(tmp_path):
+    """The Trainer with 2 data-loader workers (each epoch's workers copy the dataset when iteration starts):
+    every step sees the draw of (seed, epoch, row)."""
+    from transformers import Trainer, TrainingArguments
+
+    rows, epochs, seed = 6, 3, 7
+    dataset = SampleDataset(many_pairs(rows), drawn_pair, seed=seed)
+    model = _DrawRecorder()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, num_train_epochs=epochs, dataloader_num_workers=2,
+        report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True, seed=seed, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=_collate_draws,
+                      callbacks=[DrawEpochCallback(dataset)])
+    trainer.train()
+    assert len(model.seen) == rows * epochs
+    expected_by_epoch = []
+    for epoch in range(epochs):
+        seen = dict(model.seen[epoch * rows : (epoch + 1) * rows])
+        expected = {row: random.Random(f"{seed}-{epoch}-{row}").randrange(50) for row in range(rows)}
+        assert seen == expected, f"epoch {epoch}"
+        expected_by_epoch.append(expected)
+    assert expected_by_epoch[0] != expected_by_epoch[1] != expected_by_epoch[2]

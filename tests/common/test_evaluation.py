@@ -41,13 +41,13 @@ def samples() -> list[Sample]:
 
 
 def dataset() -> SampleDataset:
-    return SampleDataset(samples(), lambda sample, index: sample)
+    return SampleDataset(samples(), lambda sample, index, draws: sample)
 
 
 def greedy_alone(model, processor, sample: Sample) -> str:
     """The recipe's per-sample generation: one prompt, no padding."""
-    tags = "".join(f"<|image_{n}|>\n" for n in range(1, len(sample.images) + 1))
-    prompt = f"<|user|>\n{tags}{sample.turns[0].user}<|end|>\n<|assistant|>\n"
+    tags = "".join(f"<|image_{n}|>" for n in range(1, len(sample.images) + 1))
+    prompt = f"<|user|>\n{tags}\n{sample.turns[0].user}<|end|>\n<|assistant|>\n"
     inputs = processor(prompt, images=sample.images or None)
     tokenizer = processor.tokenizer
     with torch.no_grad():
@@ -84,7 +84,7 @@ def test_generation_leaves_an_eval_model_in_eval_mode(model, processor):
 
 def test_a_ranks_shard_keeps_dataset_ids(model, processor, monkeypatch):
     rows = samples()
-    indexed = SampleDataset(rows, lambda sample, index: Sample(f"validation-{index}", sample.turns, sample.references))
+    indexed = SampleDataset(rows, lambda sample, index, draws: Sample(f"validation-{index}", sample.turns, sample.references))
     monkeypatch.setattr(evaluation_module, "_gather", lambda records, distributed: records)
     records = generate_predictions(model, processor, indexed, 2, 1, show_progress=False, distributed=SECOND_OF_TWO)
     assert [r["index"] for r in records] == [1]
@@ -108,21 +108,15 @@ def eval_config(**overrides) -> EvaluationConfig:
 
 def test_evaluate_writes_the_report_atomically(model, processor, unbatched, tmp_path):
     path = tmp_path / "out" / "eval_before.json"  # the folder does not exist yet
-    score = evaluate(model, processor, dataset(), ACCURACY, path, eval_config(), ONE_PROCESS)
-    report = json.loads(path.read_text())
+    report = evaluate(model, processor, dataset(), ACCURACY, path, eval_config(), ONE_PROCESS)
     references = [["no", "No."], ["red"], ["True"]]
-    assert report["metric"] == "accuracy"
-    assert report["accuracy"] == score == ACCURACY.compute(unbatched, references)
-    assert report["num_samples"] == 3
-    assert report["ids"] == ["first", "second", "third"]
-    assert report["predictions"] == unbatched
-    assert report["references"] == references
-    assert report["answers_unique"] == [["no", "no"], ["red"], ["true"]]
+    assert json.loads(path.read_text()) == report == ACCURACY.report(["first", "second", "third"], unbatched, references)
+    assert report["answers_unique"] == ["no", "red", "true"]  # the first reference, normalised
     assert report["generated_texts_unique"] == [normalize_answer(p) for p in unbatched]
     assert sorted(p.name for p in path.parent.iterdir()) == ["eval_before.json"]  # no .tmp left behind
 
 
-def test_evaluate_scores_and_normalises(monkeypatch, tmp_path):
+def test_evaluate_writes_the_metrics_report(monkeypatch, tmp_path):
     records = [
         {"index": 0, "id": "a", "prediction": " Yes.", "references": ["yes"]},
         {"index": 1, "id": "b", "prediction": "No", "references": ["yes", "YES."]},
@@ -136,18 +130,13 @@ def test_evaluate_scores_and_normalises(monkeypatch, tmp_path):
     monkeypatch.setattr(evaluation_module, "generate_predictions", fake_generate)
     path = tmp_path / "eval_after.json"
     path.write_text("old report")
-    metric = Metric("anls_like", lambda predictions, references: 0.25)
-    score = evaluate(
+    metric = Metric("anls_like", lambda ids, predictions, references: {"ids": ids, "anls_like": 0.25})
+    report = evaluate(
         None, None, None, metric, path, eval_config(batch_size=4, max_new_tokens=9, show_progress=True), ONE_PROCESS
     )
-    assert score == 0.25
+    assert report == {"ids": ["a", "b"], "anls_like": 0.25}
     assert seen == dict(batch_size=4, max_new_tokens=9, workers=0, progress=True)
-    report = json.loads(path.read_text())  # replaced
-    assert report["metric"] == "anls_like" and report["anls_like"] == 0.25
-    assert report["predictions"] == [" Yes.", "No"]
-    assert report["generated_texts_unique"] == ["yes", "no"]
-    assert report["answers_unique"] == [["yes"], ["yes", "yes"]]
-    assert report["num_samples"] == 2 and report["ids"] == ["a", "b"]
+    assert json.loads(path.read_text()) == report  # replaced
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -155,5 +144,5 @@ def test_evaluate_writes_nothing_on_other_ranks(monkeypatch, tmp_path):
     monkeypatch.setattr(evaluation_module, "generate_predictions", lambda *a: [
         {"index": 0, "id": "a", "prediction": "yes", "references": ["yes"]}])
     path = tmp_path / "eval.json"
-    assert evaluate(None, None, None, ACCURACY, path, eval_config(), SECOND_OF_TWO) == 1.0  # every rank gets it
+    assert evaluate(None, None, None, ACCURACY, path, eval_config(), SECOND_OF_TWO)["accuracy"] == 1.0  # every rank
     assert not path.exists()

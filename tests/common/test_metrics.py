@@ -1,8 +1,19 @@
-"""common/metrics.py: the recipe's normalised accuracy, DocVQA's ANLS and the edit distance under it."""
+"""common/metrics.py: the recipe's normalised accuracy, DocVQA's ANLS (the recipe's and the challenge's), the
+edit distance under it, and the eval reports' layouts."""
 
 import pytest
 
-from common.metrics import ACCURACY, ANLS, accuracy, anls, levenshtein, normalize_answer
+from common.metrics import (
+    ACCURACY,
+    ACCURACY_BY_ID,
+    ANLS,
+    accuracy,
+    anls,
+    anls_case_insensitive,
+    levenshtein,
+    normalize_answer,
+    strip_prediction,
+)
 
 
 @pytest.mark.parametrize(
@@ -41,20 +52,31 @@ def test_levenshtein_known_values(a, b, distance):
     assert levenshtein(b, a) == distance
 
 
-def test_accuracy_normalises_and_accepts_any_reference():
-    predictions = [" Yes.", "no", "Archery", "maybe"]
-    references = [["yes"], ["No."], ["Basketball", "archery"], ["yes", "no"]]
-    assert accuracy(predictions, references) == pytest.approx(3 / 4)
+def test_accuracy_normalises_both_sides():
+    predictions = [" Yes.", "no", "Archery", "maybe", "1999."]
+    references = ["yes", "No.", "archery", "yes", "1999"]
+    assert accuracy(predictions, references) == pytest.approx(4 / 5)
 
 
 def test_accuracy_is_exact_match_not_containment():
-    assert accuracy(["yes it is"], [["yes"]]) == 0.0
-    assert accuracy(["yes"], [["yes it is"]]) == 0.0
+    assert accuracy(["yes it is"], ["yes"]) == 0.0
+    assert accuracy(["yes"], ["yes it is"]) == 0.0
+
+
+def test_accuracy_empty_prediction_matches_only_an_empty_reference():
+    assert accuracy([""], ["yes"]) == 0.0
+    assert accuracy([" . "], [""]) == 1.0  # both normalise to ""
 
 
 def test_accuracy_extremes():
-    assert accuracy(["a", "b"], [["a"], ["b"]]) == 1.0
-    assert accuracy(["a", "b"], [["b"], ["a"]]) == 0.0
+    assert accuracy(["a", "b"], ["a", "b"]) == 1.0
+    assert accuracy(["a", "b"], ["b", "a"]) == 0.0
+
+
+def test_strip_prediction_keeps_case_and_inner_periods():
+    assert strip_prediction(" 1999. ") == "1999"
+    assert strip_prediction("Mr. Smith.") == "Mr. Smith"
+    assert strip_prediction("...") == ""
 
 
 def test_anls_exact_match_is_one():
@@ -75,18 +97,30 @@ def test_anls_takes_the_best_reference():
     assert anls(["abcdefghij"], [["zzzzzzzzzz", "abcdefghiX", "abcdefXXXX"]]) == pytest.approx(0.9)
 
 
-def test_anls_is_case_and_surrounding_space_insensitive():
-    assert anls(["  TOTAL Amount "], [["total amount"]]) == 1.0
+def test_recipe_anls_keeps_case_and_compares_as_given():
+    """The recipe strips the prediction (`strip_prediction`) before scoring; references stay as given."""
+    assert anls(["total amount"], [["TOTAL AMOUNT"]]) == 0.0
+    assert anls(["Total"], [["total"]]) == pytest.approx(0.8)
+    assert anls([strip_prediction("1999.")], [["1999"]]) == 1.0
+    assert anls(["1999"], [["1999."]]) == pytest.approx(0.8)  # a reference's period is not stripped
+
+
+def test_challenge_anls_ignores_case_and_surrounding_space():
+    assert anls_case_insensitive(["TOTAL Amount"], [["  total amount "]]) == 1.0
+    assert anls_case_insensitive(["Total"], [["totaL"]]) == 1.0
+    assert anls_case_insensitive(["abcd"], [["ABXY"]]) == 0.0
 
 
 def test_anls_empty_strings():
     assert anls([""], [["answer"]]) == 0.0  # an empty prediction earns nothing
+    assert anls([""], [[""]]) == 0.0  # not even against an empty reference (the recipe skips it)
     assert anls(["answer"], [[""]]) == 0.0
-    assert anls([""], [[""]]) == 1.0  # no division by zero
+    assert anls(["answer"], [[]]) == 0.0  # no accepted answer
+    assert anls_case_insensitive(["  "], [["x"]]) == 0.0
 
 
 def test_anls_averages_over_questions():
-    predictions = ["abcdefghij", "yes", "wrong"]
+    predictions = ["abcdefghij", "Yes", "wrong"]
     references = [["abcdefghiX"], ["Yes"], ["right"]]
     assert anls(predictions, references) == pytest.approx((0.9 + 1.0 + 0.0) / 3)
 
@@ -95,6 +129,20 @@ def test_anls_threshold_is_configurable():
     assert anls(["abcd"], [["abXY"]], threshold=0.6) == pytest.approx(0.5)
 
 
-def test_metric_objects():
-    assert (ACCURACY.name, ACCURACY.compute) == ("accuracy", accuracy)
-    assert (ANLS.name, ANLS.compute) == ("anls", anls)
+def test_reports_have_the_recipes_keys_and_value_types():
+    ids, predictions = ["a", "b"], [" Yes.", "No "]
+    memes = ACCURACY.report(ids, predictions, [["yes"], ["Yes."]])
+    assert memes == {"answers_unique": ["yes", "yes"], "generated_texts_unique": ["yes", "no"], "accuracy": 0.5}
+    ucf = ACCURACY_BY_ID.report(ids, predictions, [["Yes"], ["no"]])
+    assert ucf == {
+        "answers_unique": [{"id": "a", "answer": "yes"}, {"id": "b", "answer": "no"}],
+        "generated_texts_unique": [{"id": "a", "generated_text": "yes"}, {"id": "b", "generated_text": "no"}],
+        "accuracy": 1.0,
+    }
+    docvqa = ANLS.report(ids, [" 1999.", "total"], [["1999", "1999."], ["Total"]])
+    assert docvqa["answers_unique"] == [["1999", "1999."], ["Total"]]
+    assert docvqa["generated_texts_unique"] == ["1999", "total"]
+    assert docvqa["anls"] == pytest.approx((1.0 + 0.8) / 2)
+    assert docvqa["anls_case_insensitive"] == 1.0
+    assert list(docvqa) == ["answers_unique", "generated_texts_unique", "anls", "anls_case_insensitive"]
+    assert (ACCURACY.name, ACCURACY_BY_ID.name, ANLS.name) == ("accuracy", "accuracy", "anls")

@@ -563,12 +563,61 @@ def test_pixel_values_without_placeholders_raise(ref):
 def test_image_count_mismatch_raises(ref):
     name = ref.case_with_images(2)
     images = ref.image_inputs(name)
-    with pytest.raises(ValueError, match=r"reference 2 images .* pixel_values hold 1"):
+    with pytest.raises(ValueError, match=r"hold 2 image placeholder spans .* pixel_values hold 1 images"):
         ref.model()(
             input_ids=ref.cases[name]["input_ids"],
             pixel_values=images["pixel_values"][:1],
             image_sizes=images["image_sizes"][:1],
         )
+
+
+def test_per_turn_image_numbering_equals_numbering_across_the_conversation(ref):
+    """The recipe numbers every turn's images from 1 (each turn its own processor call): the spans are filled
+    in the order they appear, so the logits equal those of one prompt numbering the images 1..n in order,
+    and differ when the images are swapped (the order is what places them)."""
+    model, processor = ref.model(), ref.processor(1)
+    first, second = ref.image("a_800x600.png"), ref.image("b_240x720.png")
+    turns = ["<|user|>\n<|image_1|>\nWhat is left?<|end|>\n<|assistant|>\n", "<|user|>\n{tag}\nAnd now?<|end|>\n"]
+    images = processor.image_processor([first, second])
+    counts = images["num_img_tokens"]
+    per_turn = processor.encode_prompt(turns[0], counts[:1]) + processor.encode_prompt(
+        turns[1].format(tag="<|image_1|>"), counts[1:]
+    )
+    first_turn = len(processor.encode_prompt(turns[0], counts[:1]))
+    across = per_turn[:first_turn] + [-2 if token == -1 else token for token in per_turn[first_turn:]]
+    assert across.count(-2) == counts[1]  # what one processor call numbering the conversation's images emits
+    image_inputs = {"pixel_values": images["pixel_values"], "image_sizes": images["image_sizes"]}
+    per_turn_logits = logits_of(model, input_ids=torch.tensor([per_turn]), **image_inputs)
+    across_logits = logits_of(model, input_ids=torch.tensor([across]), **image_inputs)
+    assert_logits_close(per_turn_logits, across_logits, "per-turn vs conversation numbering")
+    with torch.no_grad():  # each span holds its own turn's image, encoded on its own
+        merged = model.model.embed_inputs(torch.tensor([per_turn]), **image_inputs)[0]
+        for index, image in enumerate((first, second)):
+            alone = processor.image_processor([image])
+            expected = model.model.vision_embed_tokens(alone["pixel_values"], alone["image_sizes"])[0]
+            span = [position for position, token in enumerate(per_turn) if token == -1][
+                sum(counts[:index]) : sum(counts[: index + 1])
+            ]
+            torch.testing.assert_close(merged[span], expected, rtol=1e-4, atol=1e-5)
+
+    swapped = processor.image_processor([second, first])
+    counts_swapped = swapped["num_img_tokens"]
+    swapped_ids = processor.encode_prompt(turns[0], counts_swapped[:1]) + processor.encode_prompt(
+        turns[1].format(tag="<|image_1|>"), counts_swapped[1:]
+    )
+    swapped_logits = logits_of(
+        model, input_ids=torch.tensor([swapped_ids]), pixel_values=swapped["pixel_values"],
+        image_sizes=swapped["image_sizes"],
+    )
+    assert not torch.allclose(swapped_logits[0, -1], per_turn_logits[0, -1], atol=1e-4)
+
+
+def test_more_spans_than_images_raise(ref):
+    """A repeated tag makes a second span for an image pixel_values hold once: one clear error."""
+    processor = ref.processor(1)
+    inputs = processor("<|image_1|> and again <|image_1|>", [ref.image("c_333x333.png")])
+    with pytest.raises(ValueError, match=r"hold 2 image placeholder spans \(per sample: \[2\]\) but pixel_values hold 1"):
+        ref.model()(**inputs)
 
 
 def test_wrong_image_sizes_raise_span_length_mismatch(ref):
@@ -583,7 +632,7 @@ def test_wrong_image_sizes_raise_span_length_mismatch(ref):
     one_crop = torch.tensor([crop, crop])
     image_sizes[0] = one_crop if not torch.equal(image_sizes[0], one_crop) else torch.tensor([crop, 2 * crop])
     assert not torch.equal(image_sizes, images["image_sizes"])
-    with pytest.raises(ValueError, match="placeholder tokens but the image has .* features"):
+    with pytest.raises(ValueError, match="placeholder span 0 .* tokens but its image has .* features"):
         ref.model()(
             input_ids=ref.cases[name]["input_ids"],
             pixel_values=images["pixel_values"],

@@ -194,29 +194,45 @@ def colour_names(count: int, offset: int = 0) -> list[str]:
     return [names[(offset + i) % len(names)] for i in range(count)]
 
 
-def write_docvqa(path: Path, num_train: int = 4, num_validation: int = 3) -> Path:
-    """HuggingFaceM4/DocumentVQA's schema (image, question, answers), both splits, via save_to_disk."""
-    features = datasets.Features(
-        {"image": datasets.Image(), "question": datasets.Value("string"), "answers": datasets.List(datasets.Value("string"))}
+def docvqa_rows(count: int, offset: int = 0) -> datasets.Dataset:
+    """nielsr/docvqa_1200_examples' schema: `id`, `image`, `query` (question per language), `answers` (all
+    accepted), `words`, `bounding_boxes`, `answer` (the recipe drops the last three)."""
+    names = colour_names(count, offset)
+    features = datasets.Features({
+        "id": datasets.Value("string"),
+        "image": datasets.Image(),
+        "query": {language: datasets.Value("string") for language in ("de", "en", "es", "fr", "it")},
+        "answers": datasets.List(datasets.Value("string")),
+        "words": datasets.List(datasets.Value("string")),
+        "bounding_boxes": datasets.List(datasets.List(datasets.Value("float32"))),
+        "answer": {"match_score": datasets.Value("float64"), "matched_text": datasets.Value("string"),
+                   "start": datasets.Value("int64"), "text": datasets.Value("string")},
+    })
+    question = "What colour is the page?"
+    return datasets.Dataset.from_dict(
+        {
+            "id": [f"doc-{offset + i}" for i in range(count)],
+            "image": [colour_image(name, (40 + 4 * i, 30)) for i, name in enumerate(names)],
+            "query": [{"de": "Welche Farbe?", "en": question, "es": "¿Qué color?", "fr": "Quelle couleur ?",
+                       "it": "Che colore?"}] * count,
+            "answers": [[name, f"{name} page"] for name in names],
+            "words": [[name] for name in names],
+            "bounding_boxes": [[[0.0, 0.0, 1.0, 1.0]]] * count,
+            "answer": [{"match_score": 1.0, "matched_text": name, "start": 0, "text": name} for name in names],
+        },
+        features=features,
     )
 
-    def split(count: int, offset: int) -> datasets.Dataset:
-        names = colour_names(count, offset)
-        return datasets.Dataset.from_dict(
-            {
-                "image": [colour_image(name, (40 + 4 * i, 30)) for i, name in enumerate(names)],
-                "question": ["What colour is the page?"] * count,
-                "answers": [[name, f"{name} page"] for name in names],
-            },
-            features=features,
-        )
 
-    datasets.DatasetDict({"train": split(num_train, 0), "validation": split(num_validation, 1)}).save_to_disk(str(path))
+def write_docvqa(path: Path, num_train: int = 4, num_test: int = 3) -> Path:
+    """A save_to_disk copy of nielsr/docvqa_1200_examples with its `train` and `test` splits."""
+    datasets.DatasetDict({"train": docvqa_rows(num_train), "test": docvqa_rows(num_test, 1)}).save_to_disk(str(path))
     return path
 
 
 def cauldron_rows(subset: str, count: int) -> datasets.Dataset:
-    """the_cauldron's schema: `images` (1 meme, or the NLVR2 pair) and `texts` [{"user", "assistant", "source"}]."""
+    """the_cauldron's schema: `images` (1 meme or page, or the NLVR2 pair) and `texts` [{"user", "assistant",
+    "source"}, ...]; NLVR2 and DocVQA rows hold two pairs (every second NLVR2 row), as many real rows do."""
     features = datasets.Features(
         {
             "images": datasets.List(datasets.Image()),
@@ -230,7 +246,14 @@ def cauldron_rows(subset: str, count: int) -> datasets.Dataset:
         if subset == "nlvr2":
             other = colour_names(1, i + 1)[0]
             rows["images"].append([colour_image(name), colour_image(other, (24, 32))])
-            rows["texts"].append([{"user": f"The left image is {name}. True or False?", "assistant": "True", "source": "nlvr2"}])
+            pairs = [{"user": f"The left image is {name}. True or False?", "assistant": "True", "source": "nlvr2"}]
+            if i % 2:
+                pairs.append({"user": f"The right image is {name}. True or False?", "assistant": "False", "source": "nlvr2"})
+            rows["texts"].append(pairs)
+        elif subset == "docvqa":
+            rows["images"].append([colour_image(name, (40 + 4 * i, 30))])
+            rows["texts"].append([{"user": "What colour is the page?", "assistant": name, "source": "docvqa"},
+                                  {"user": "Name the colour.", "assistant": f"{name} page", "source": "docvqa"}])
         else:
             rows["images"].append([colour_image(name)])
             answer = "yes" if name == "red" else "no"
@@ -333,8 +356,10 @@ def assert_finished_run(result: Result, output_dir: Path, strategy: str, base_mo
         assert len(re.findall(rf"^[A-Z]+ {when} finetuning: \d", result.stdout, re.MULTILINE)) == 1, result.tail()
     for when in ("before", "after"):
         report = read_eval(output_dir, when)
-        assert report["num_samples"] == num_eval == len(report["predictions"]) == len(set(report["ids"]))
-        assert 0.0 <= report[report["metric"]] <= 1.0
+        assert len(report["answers_unique"]) == num_eval == len(report["generated_texts_unique"])
+        metric = "anls" if "anls" in report else "accuracy"
+        assert set(report) <= {"answers_unique", "generated_texts_unique", metric, "anls_case_insensitive"}
+        assert 0.0 <= report[metric] <= 1.0
     assert (output_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     processor = AutoProcessor.from_pretrained(output_dir)
     assert processor.image_processor.num_crops == 1  # --num_crops is saved with the run

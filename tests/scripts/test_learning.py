@@ -21,7 +21,7 @@ def test_colour_naming_is_learnt(launcher, tiny_model_dir, tmp_path):
     launcher.run(SCRIPTS["ucf101"], args).check()
 
     before, after = read_eval(output_dir, "before"), read_eval(output_dir, "after")
-    assert before["num_samples"] == after["num_samples"] == 6
-    assert sorted(ref[0] for ref in after["references"]) == sorted(list(COLOURS) * 2)
-    assert before["accuracy"] <= 0.5, before["predictions"]
-    assert after["accuracy"] >= 0.9, after["predictions"]
+    assert len(before["answers_unique"]) == len(after["answers_unique"]) == 6
+    assert sorted(answer["answer"] for answer in after["answers_unique"]) == sorted(list(COLOURS) * 2)
+    assert before["accuracy"] <= 0.5, before["generated_texts_unique"]
+    assert after["accuracy"] >= 0.9, after["generated_texts_unique"]

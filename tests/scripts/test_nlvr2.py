@@ -22,8 +22,7 @@ def test_trains_saves_reloads_and_evaluates(runs, strategy, tiny_model_dir):
     root, results = runs
     assert_finished_run(results[strategy], root / strategy, strategy, tiny_model_dir, num_eval=EVAL_SIZE)
     report = read_eval(root / strategy, "after")
-    assert report["ids"] == ["nlvr2-0", "nlvr2-1"]
-    assert report["references"] == [["True"], ["True"]]
+    assert report["answers_unique"] == ["true", "true"]  # the first pair of each held-out row, normalised
 
 
 def test_merge_writes_a_standalone_model_equal_to_base_plus_adapter(runs, tiny_model_dir):
@@ -40,7 +39,7 @@ def test_merge_writes_a_standalone_model_equal_to_base_plus_adapter(runs, tiny_m
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
 
     processor = AutoProcessor.from_pretrained(merged_dir)
-    prompt = "<|user|>\n<|image_1|>\n<|image_2|>\nThe left image is red. True or False?<|end|>\n<|assistant|>\n"
+    prompt = "<|user|>\n<|image_1|><|image_2|>\nThe left image is red. True or False?<|end|>\n<|assistant|>\n"
     inputs = processor(prompt, [colour_image("red"), colour_image("blue", (24, 32))], return_tensors="pt")
     with torch.no_grad():
         merged_logits, adapted_logits, base_logits = (model.eval()(**inputs).logits for model in (merged, adapted, base))

@@ -41,5 +41,7 @@ def test_trains_saves_reloads_and_evaluates(runs, strategy, tiny_model_dir):
     root, results = runs
     assert_finished_run(results[strategy], root / strategy, strategy, tiny_model_dir, num_eval=NUM_EVAL)
     report = read_eval(root / strategy, "after")
-    assert report["references"] == [["Archery"], ["Archery"]]
-    assert all(sample_id.startswith("val-") for sample_id in report["ids"])
+    assert [answer["answer"] for answer in report["answers_unique"]] == ["archery", "archery"]
+    ids = [answer["id"] for answer in report["answers_unique"]]
+    assert all(sample_id.startswith("val-") for sample_id in ids)
+    assert [generated["id"] for generated in report["generated_texts_unique"]] == ids
