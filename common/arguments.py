@@ -92,6 +92,9 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
                       help="generation batch per device (default: batch_size_per_gpu)")
     data.add_argument("--max_new_tokens", type=int, default=64, help="generation length limit for evaluation")
     data.add_argument("--skip_eval_before", action="store_true", help="skip the evaluation before training")
+    data.add_argument("--preview_samples", type=int, default=None, metavar="N",
+                      help="write the first N training samples and evaluation prompts as token ids to "
+                           "OUTPUT_DIR/data_preview.jsonl, show the first, and exit (no model weights loaded)")
     data.add_argument("--merge", action="store_true",
                       help="after LoRA training, also write a merged standalone checkpoint to output_dir/merged")
     parser.set_defaults(**defaults)
@@ -135,6 +138,7 @@ def resolve_run_config(
         outputs=_from_flags(OutputConfig, args),
         task_options=_from_flags(task_options, args) if task_options else None,
         verbose=args.verbose,
+        preview_samples=args.preview_samples,
     )
 
 
@@ -166,6 +170,8 @@ def _problems(args: argparse.Namespace, processes: int) -> list[str]:
     if not 1 <= args.num_crops <= 16:
         problems.append(f"--num_crops must be between 1 and 16, got {args.num_crops}")
     counts = ("batch_size", "batch_size_per_gpu", "num_train_epochs", "lora_rank", "logging_steps", "max_new_tokens")
+    if args.preview_samples is not None and args.preview_samples < 1:
+        problems.append(f"--preview_samples must be at least 1, got {args.preview_samples}")
     for flag in counts:
         if getattr(args, flag) < 1:
             problems.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")

@@ -85,3 +85,4 @@ class RunConfig:
     outputs: OutputConfig
     task_options: object | None = None  # the task's own flags, as the frozen dataclass its Task declares
     verbose: bool = False  # show the libraries' log lines and warnings too
+    preview_samples: int | None = None  # --preview_samples N: write the first N samples' tokens, then stop

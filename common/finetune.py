@@ -33,6 +33,7 @@ from .metrics import Metric
 from .plotting import plot_training_curves
 from .precision import Precision
 from .preemption import Interrupted, PreemptionCallback, StopSignals, report_and_exit, resume_command
+from .preview import describe, preview_records, write_preview
 from .strategy import TrainingStrategy, build_model, load_model
 from .trainer import FinetuningTrainer, release_training_state
 from .training_arguments import training_arguments
@@ -82,19 +83,23 @@ def _load_task_datasets(task: Task, data: DataConfig, options: Any) -> tuple[Sam
         ) from error
 
 
-def load_processor_and_model(
-    model_config: ModelConfig, strategy: TrainingStrategy, lora: LoraSettings, precision: Precision, device
-):
-    """The processor with the run's num_crops, and the model built for the strategy on its device."""
+def load_processor(model_config: ModelConfig):
+    """The checkpoint's processor with the run's num_crops."""
     try:
-        processor = AutoProcessor.from_pretrained(model_config.name_or_path, num_crops=model_config.num_crops)
+        return AutoProcessor.from_pretrained(model_config.name_or_path, num_crops=model_config.num_crops)
     except OSError as error:  # not on the hub, or no hub access: transformers' message says which
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
             f"cannot load --model_name_or_path {model_config.name_or_path} ({first_line}); give the folder of a "
             "downloaded checkpoint, or a hub model id with hub access"
         ) from error
-    return processor, build_model(model_config.name_or_path, strategy, lora, precision, device)
+
+
+def load_processor_and_model(
+    model_config: ModelConfig, strategy: TrainingStrategy, lora: LoraSettings, precision: Precision, device
+):
+    """The processor with the run's num_crops, and the model built for the strategy on its device."""
+    return load_processor(model_config), build_model(model_config.name_or_path, strategy, lora, precision, device)
 
 
 def make_trainer(model, processor, train_args: TrainingArguments, dataset, max_length: int | None,
@@ -205,9 +210,20 @@ def _record_run(output_dir: Path, identity: dict, distributed: Distributed) -> N
         (output_dir / RUN_FILE).write_text(json.dumps(identity, indent=1) + "\n")
 
 
+def _preview(config: RunConfig, train_dataset: SampleDataset, eval_dataset: SampleDataset) -> None:
+    """--preview_samples: the samples as training and evaluation would build them; no weights, no training."""
+    distributed = start_distributed(uses_deepspeed=False)
+    processor = load_processor(config.model)
+    records = preview_records(processor, train_dataset, eval_dataset, config.preview_samples)
+    if distributed.is_main:
+        path = write_preview(records, Path(config.outputs.output_dir))
+        print(describe(processor.tokenizer, records[0]), flush=True)
+        print(f"{len(records)} preview records written to {path}", flush=True)
+
+
 def run_finetuning(task: Task, config: RunConfig) -> dict[str, float]:
-    """Returns {"before": metric, "after": metric} (before is absent when skipped). SIGTERM/SIGINT stop the
-    run cleanly (common/preemption.py): the process exits with 128 + the signal number."""
+    """Returns {"before": metric, "after": metric} (before is absent when skipped; {} for --preview_samples).
+    SIGTERM/SIGINT stop the run cleanly (common/preemption.py): the process exits with 128 + the signal number."""
     with StopSignals() as signals:
         try:
             return _finetune(task, config, signals)
@@ -233,6 +249,9 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
     strategy, precision, outputs, evaluation = config.strategy, config.precision, config.outputs, config.evaluation
     quiet_libraries(config.verbose)  # before they load anything or probe the hardware
     train_dataset, eval_dataset = load_datasets(task, config.data, config.task_options)
+    if config.preview_samples:
+        _preview(config, train_dataset, eval_dataset)
+        return {}
     distributed = start_distributed(strategy.uses_deepspeed)
     signals.distributed = distributed
     train_args = training_arguments(

@@ -10,6 +10,7 @@ answer `{answer}<|end|>\\n<|endoftext|>` tokenized without special tokens; the p
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -25,8 +26,11 @@ from tests.scripts.e2e import (
     SCRIPTS,
     cauldron_rows,
     colour_image,
+    colour_task,
     docvqa_rows,
     load_module,
+    write_cauldron,
+    write_docvqa,
     write_generic,
 )
 
@@ -278,3 +282,42 @@ def test_readable_view_collapses_image_spans(tmp_path, tiny_model_dir):
         "learnt targets:\n"
         '  "Archery<|end|> \\n<|endoftext|>"'
     )
+
+
+# ---- --preview_samples through the scripts --------------------------------------------------------------
+
+
+def preview_data(name: str, root: Path) -> list:
+    if name == "docvqa":
+        return ["--dataset_path", write_docvqa(root / "mini", 3, 2)]
+    if name == "ucf101":
+        return ["--data_dir", colour_task(root / "colours", 3, 2)]
+    return ["--dataset_path", write_cauldron(root / name, name, 5, "disk"), "--eval_size", "2"]
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_preview_samples_writes_the_preview_and_exits_without_weights(name, launcher, tmp_path):
+    """The real processor folder holds no weights: the preview never loads a model."""
+    assert not list(REAL_PROCESSOR.glob("*.safetensors"))
+    output_dir = tmp_path / "out"
+    args = ["--model_name_or_path", REAL_PROCESSOR, "--output_dir", output_dir, "--num_crops", "1",
+            "--preview_samples", "2", "--no-tqdm", *preview_data(name, tmp_path)]
+    result = launcher.run(SCRIPTS[name], args).check()
+    records = [json.loads(line) for line in (output_dir / "data_preview.jsonl").read_text().splitlines()]
+    assert [record["split"] for record in records] == ["train", "train", "eval", "eval"]
+    for record in records:
+        assert list(record) == (["split", "id", "input_ids", "labels"] if record["split"] == "train"
+                                else ["split", "id", "input_ids"])
+        assert -1 in record["input_ids"]  # image placeholders as the processor emits them
+    assert sorted(path.name for path in output_dir.iterdir()) == ["data_preview.jsonl"]
+    assert f"sample {records[0]['id']} (" in result.stdout and "learnt targets:" in result.stdout
+    assert "[image 1: 313 tokens]" in result.stdout
+    assert "4 preview records written to" in result.stdout
+    assert "finetuning" not in result.stdout  # no evaluation, no training
+
+
+def test_preview_samples_must_be_positive(launcher, tmp_path):
+    args = ["--model_name_or_path", REAL_PROCESSOR, "--output_dir", tmp_path / "out", "--preview_samples", "0",
+            *preview_data("ucf101", tmp_path)]
+    result = launcher.run(SCRIPTS["ucf101"], args)
+    assert result.returncode == 2 and "--preview_samples must be at least 1, got 0" in result.stderr
