@@ -64,6 +64,19 @@ def test_real_tokenizer_encodes_as_the_recipes_stack():
     assert tokenizer("").input_ids == [1]  # the empty chunk between two image tags
 
 
+def test_real_processor_puts_bos_after_every_image():
+    """The original processor's layout with the real tokenizer: every text chunk (the empty one between two
+    tags too) tokenized with BOS, each tag a span of -N."""
+    processor = AutoProcessor.from_pretrained(REAL_PROCESSOR, num_crops=1)
+    image = Image.new("RGB", (40, 30))
+    prompt = "<|user|>\n<|image_1|><|image_2|>\nIs it true?<|end|>\n<|assistant|>\n"
+    span = 313  # (1 * 1 + 1) * 144 + 1 + (1 + 1) * 12 for one 336x336 crop
+    assert processor(prompt, [image, image]).input_ids[0].tolist() == (
+        [1, 32010, 29871, 13] + [-1] * span + [1] + [-2] * span
+        + [1, 29871, 13, 3624, 372, 1565, 29973, 32007, 29871, 13, 32001]
+    )
+
+
 def test_chat_template_is_phi3s(processor):
     text = processor.tokenizer.apply_chat_template(
         [{"role": "user", "content": "<|image_1|>\nhi"}], tokenize=False, add_generation_prompt=True
