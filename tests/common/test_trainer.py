@@ -26,7 +26,7 @@ def samples(count: int) -> SampleDataset:
         Sample(str(i), [Turn("Which colour?", colours[i % 3], [Image.new("RGB", (64, 48), colours[i % 3])])])
         for i in range(count)
     ]
-    return SampleDataset(rows, lambda sample, index: sample)
+    return SampleDataset(rows, lambda sample, index, draws: sample)
 
 
 def make(tiny_model_dir, tmp_path, *flags: str, distributed: Distributed | None = None) -> FinetuningTrainer:
