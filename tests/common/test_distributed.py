@@ -1,0 +1,74 @@
+"""common/distributed.py: where a process's rank, local rank, world size and device come from."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.distributed import ONE_PROCESS, launched_world_size, start_distributed
+
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_plain_python_without_deepspeed_is_one_process_and_changes_nothing(no_launcher):
+    before = dict(os.environ)
+    distributed = start_distributed(uses_deepspeed=False)
+    assert distributed == ONE_PROCESS
+    assert distributed.is_main and not distributed.accelerate_state_configured
+    assert dict(os.environ) == before
+
+
+def test_torchrun_identity_is_read_as_launched(no_launcher, monkeypatch):
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    distributed = start_distributed(uses_deepspeed=False)
+    assert (distributed.rank, distributed.local_rank, distributed.world_size, distributed.local_world_size) == (
+        5, 1, 8, 4
+    )
+    assert not distributed.is_main and distributed.device == torch.device("cpu")
+    assert launched_world_size() == 8
+
+
+PROBE = """
+import json, os
+import torch
+from accelerate import PartialState
+from common.distributed import start_distributed
+
+distributed = start_distributed(uses_deepspeed=True)
+state = PartialState()
+print(json.dumps({
+    "env": {name: os.environ.get(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")},
+    "identity": [distributed.rank, distributed.world_size, str(distributed.device)],
+    "configured": distributed.accelerate_state_configured,
+    "state": [str(state.distributed_type), state.backend, state.num_processes],
+}))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU DeepSpeed path; GPU runs never take it")
+def test_deepspeed_under_plain_python_gets_a_rendezvous_and_a_gloo_state():
+    """In a subprocess: the start-up creates a process group, which must not leak into the test process."""
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["env"] == {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    assert probe["identity"] == [0, 1, "cpu"]
+    assert probe["configured"] is True
+    assert probe["state"] == ["DistributedType.DEEPSPEED", "gloo", 1]
