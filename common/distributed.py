@@ -54,9 +54,9 @@ def start_distributed(uses_deepspeed: bool) -> Distributed:
     cuda = torch.cuda.is_available()
     if (uses_deepspeed or cuda) and "RANK" not in os.environ:
         _single_process_rendezvous()
-    configured = uses_deepspeed and not cuda
+    configured = not cuda and (uses_deepspeed or launched_world_size() > 1)
     if configured:
-        _cpu_deepspeed_state()
+        _cpu_process_state(uses_deepspeed)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     return Distributed(
         rank=int(os.environ.get("RANK", "0")),
@@ -78,10 +78,13 @@ def _single_process_rendezvous() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def _cpu_deepspeed_state() -> None:
-    """Without a GPU, accelerate starts DeepSpeed's process group with no backend of its own and counts one
-    process, so under torchrun every rank would train alone (and DeepSpeed rejects the batch size). Set the
-    state up on gloo first; the Trainer's arguments then use it. GPU runs never come here."""
+def _cpu_process_state(uses_deepspeed: bool) -> None:
+    """Without a GPU, the Trainer's arguments would give accelerate no backend and count one process: under
+    torchrun every rank would train alone (no DDP; DeepSpeed also rejects the batch size). Set the state up on
+    gloo first; the Trainer's arguments then use it. GPU runs never come here."""
+    if not uses_deepspeed:
+        PartialState(cpu=True, backend="gloo")
+        return
     previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what TrainingArguments sets while it builds the state
     try:

@@ -3,6 +3,7 @@ processes, LoRA under DDP in two processes, and a two-node launch simulated on 1
 evaluation reports once (rank 0) over every evaluation sample, gathered from both ranks."""
 
 import pytest
+import torch
 
 from tests.scripts.e2e import (
     SCRIPTS,
@@ -11,6 +12,7 @@ from tests.scripts.e2e import (
     finish,
     free_port,
     read_eval,
+    tensors,
     torchrun,
     write_cauldron,
 )
@@ -60,3 +62,19 @@ def test_two_nodes_on_one_host(data, tiny_model_dir, tmp_path):
     other_node.check()
     assert_gathered_once(main_node, output_dir, "full", tiny_model_dir)
     assert "finetuning:" not in other_node.stdout  # reports come from global rank 0 only
+
+
+def test_lora_in_two_processes_trains_as_one_process_with_the_same_global_batch(launcher, data, tiny_model_dir,
+                                                                                  tmp_path):
+    """DDP, not two ranks training alone: 2 processes x 1 sample x 2 accumulation steps see the samples one
+    process sees with 4 accumulation steps, so the adapters end equal."""
+    flags = ["--use_lora", "--skip_eval_before", "--max_eval_samples", "1"]
+    two = tmp_path / "two"
+    finish(torchrun(SCRIPTS["hateful_memes"], args_for(tiny_model_dir, two, data, *flags),
+                    "--nproc_per_node=2", f"--master_port={free_port()}", cwd=tmp_path)).check()
+    one = tmp_path / "one"
+    launcher.run(SCRIPTS["hateful_memes"], args_for(tiny_model_dir, one, data, *flags)).check()
+    two_processes, one_process = (tensors(out / "adapter_model.safetensors") for out in (two, one))
+    assert two_processes.keys() == one_process.keys()
+    for name, weight in one_process.items():
+        torch.testing.assert_close(two_processes[name], weight, rtol=0, atol=1e-6, msg=name)
