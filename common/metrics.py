@@ -17,14 +17,14 @@ from dataclasses import dataclass
 ANLS_THRESHOLD = 0.5
 
 
-def normalize_answer(text: str) -> str:
-    """The recipe's normalisation for exact match: strip whitespace, then periods, then lowercase."""
-    return text.strip().strip(".").lower()
-
-
 def strip_prediction(text: str) -> str:
     """What the recipe's DocVQA evaluation keeps of a generation: case kept, whitespace and periods stripped."""
     return text.strip().strip(".")
+
+
+def normalize_answer(text: str) -> str:
+    """The recipe's normalisation for exact match: strip whitespace, then periods, then lowercase."""
+    return strip_prediction(text).lower()
 
 
 def levenshtein(a: str, b: str) -> int:

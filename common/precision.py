@@ -87,25 +87,21 @@ class Precision:
         return f"{mode}, weights loaded in {dtype}, attention {self.attn_implementation}"
 
 
-def _refuse(problem: str) -> None:
-    raise UsageError(problem)
-
-
 def _check_flash_attention(device: Device, bf16: bool, flash_attn_installed: bool) -> None:
     if not device.has_cuda:
-        _refuse("--use_flash_attention needs a CUDA GPU (Ampere or newer); this machine has none")
+        raise UsageError("--use_flash_attention needs a CUDA GPU (Ampere or newer); this machine has none")
     if not device.is_ampere_or_newer:
-        _refuse(
+        raise UsageError(
             f"--use_flash_attention needs an Ampere or newer GPU (compute capability 8.0+); {device.describe()} "
             "is older: drop the flag (attention then runs on PyTorch's SDPA kernels)"
         )
     if not flash_attn_installed:
-        _refuse(
+        raise UsageError(
             "--use_flash_attention needs the flash-attn package: "
             "pip install ninja && MAX_JOBS=32 pip install flash-attn --no-build-isolation"
         )
     if not bf16:
-        _refuse(
+        raise UsageError(
             "--use_flash_attention requires --bf16 for this task (flash attention with fp16 mixed precision "
             "keeps fp32 weights and activations outside autocast regions, which the flash kernels reject; "
             "every flash-capable GPU supports bf16)"
@@ -129,7 +125,7 @@ def resolve_precision(
         logger.warning("No CUDA GPU found: training in fp32 on CPU (--bf16 / fp16 mixed precision need a GPU).")
         return Precision(torch.float32, bf16=False, fp16=False, attn_implementation=attn, compute_dtype=torch.float32)
     if bf16 and not device.is_ampere_or_newer:
-        _refuse(
+        raise UsageError(
             f"--bf16 needs an Ampere or newer GPU (compute capability 8.0+); {device.describe()} only emulates "
             "bf16, slowly: drop --bf16 to train with fp16 mixed precision"
         )
