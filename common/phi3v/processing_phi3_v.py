@@ -210,13 +210,15 @@ class Phi3VProcessor(ProcessorMixin):
         return files + super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """Load [image_processor, tokenizer] from a folder or hub id without remote code.
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> Phi3VProcessor:
+        """Load the image processor and the tokenizer from a folder or hub id, without remote code.
 
         Image-processor settings among the kwargs (e.g. `num_crops=16`, as the original scripts pass to
         `AutoProcessor.from_pretrained`) go to the image processor only, so they do not end up in the
-        tokenizer's saved config. Remote code is never run: official folders' `auto_map` names the hub's
-        `.py` files, which these classes replace (they need not even be present).
+        tokenizer's saved config; the rest (cache_dir, revision, ...) go to both. The loading is ours rather
+        than `ProcessorMixin`'s because transformers routes these kwargs differently from one minor release
+        to the next (5.25 hands every kwarg to `AutoTokenizer`). Remote code is never run: official folders'
+        `auto_map` names the hub's `.py` files, which these classes replace (they need not even be present).
         """
         kwargs.pop("trust_remote_code", None)
         image_keys = Phi3VImageProcessor.valid_kwargs.__annotations__
@@ -228,8 +230,7 @@ class Phi3VProcessor(ProcessorMixin):
         # Llama class of transformers 5 rebuilds it with another prefix-space rule: "<|user|>\n" would lose
         # the "▁" token the model was trained with (Phi-3.5-vision: 29871 before every "\n" after a tag).
         tokenizer = TokenizersBackend.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return [image_processor, tokenizer]
-
+        return cls(image_processor=image_processor, tokenizer=tokenizer)
 
 def _truncate(sequence: list[int], limit: int) -> list[int]:
     """Keep the first `limit` ids; refuse to drop image placeholder ids (negative), which would desync the
