@@ -1,9 +1,10 @@
 """The report of `scripts/gpu_check.sh`: device, versions, set-up steps, the GPU tests' results and the short
 benchmark's figures, as gpu_check.json and gpu_check.md in one folder.
 
-    python -m benchmarks.gpu_check --out OUT --mode gpu --step "torch (CUDA)=ok:95" --step "flash-attn=failed:3:reason"
+    python -m benchmarks.gpu_check --out OUT --work WORK --mode gpu --step "environment=ok:95" \
+        --step "flash-attn=not installed:3:reason"
 
-It reads OUT/gpu_tests.xml (pytest's JUnit XML) and OUT/benchmark/benchmark.json, whichever exist; a missing
+It reads WORK/gpu_tests.xml (pytest's JUnit XML) and WORK/benchmark/benchmark.json, whichever exist; a missing
 one is reported as not run. Nothing here invents a figure: a value that was not measured is absent.
 """
 
@@ -32,6 +33,39 @@ def device_info() -> dict:
         "memory_gib": round(properties.total_memory / 2**30, 1),
         "cuda_runtime": torch.version.cuda,
     }
+
+
+# The benchmark's attention shapes (the official config: 32 decoder heads of 96, a CLIP ViT-L/14 at 336 px with
+# 16 heads of 64 over 577 positions); the decoder length is the benchmark's mean tokens per sample.
+DECODER_HEADS, DECODER_HEAD_DIM = 32, 96
+VISION_HEADS, VISION_HEAD_DIM, VISION_POSITIONS = 16, 64, 577
+DOCVQA_TOKENS = 2540
+
+
+def sdpa_kernels(decoder_tokens: int) -> dict:
+    """{attention call: the SDPA kernel torch picks for it} on this device in the benchmark's dtype, as
+    transformers calls SDPA: a padded batch with a boolean mask, an unpadded one causal without a mask."""
+    from torch.nn.attention import SDPBackend
+
+    names = {backend.value: backend.name for backend in SDPBackend.__members__.values()}
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    calls = {
+        f"decoder, padded batch ({decoder_tokens} tokens, mask)": (DECODER_HEADS, decoder_tokens, DECODER_HEAD_DIM, True, False),
+        f"decoder, no padding ({decoder_tokens} tokens, causal)": (DECODER_HEADS, decoder_tokens, DECODER_HEAD_DIM, False, True),
+        f"vision tower ({VISION_POSITIONS} positions)": (VISION_HEADS, VISION_POSITIONS, VISION_HEAD_DIM, False, False),
+    }
+    found = {}
+    for label, (heads, length, head_dim, masked, causal) in calls.items():
+        try:
+            query = torch.zeros(1, heads, length, head_dim, dtype=dtype, device="cuda" if cuda else "cpu")
+            mask = torch.ones(length, length, dtype=torch.bool, device=query.device).tril() if masked else None
+            # torch's own dispatch decision (private, but the only place the choice is exposed)
+            choice = int(torch._fused_sdp_choice(query, query, query, mask, 0.0, causal))
+            found[label] = f"{names.get(choice, choice)} ({str(dtype).removeprefix('torch.')})"
+        except Exception as err:  # an older or newer torch without this entry point: say so, keep the report
+            found[label] = f"unknown ({type(err).__name__}: {err})"[:200]
+    return found
 
 
 def parse_step(text: str) -> dict:
@@ -93,6 +127,7 @@ def render_markdown(report: dict) -> str:
         + (f" x{device['count']}, compute capability {device['compute_capability']}, {device['memory_gib']} GiB, "
            f"CUDA {device['cuda_runtime']}" if device["cuda"] else ""),
         "- Versions: " + ", ".join(f"{name} {version}" for name, version in report["versions"].items()),
+        *(f"- SDPA kernel, {call}: {kernel}" for call, kernel in report["sdpa_kernels"].items()),
         "",
         "## Set-up",
         "",
@@ -127,14 +162,16 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_report(out: Path, mode: str, steps: list[dict]) -> dict:
-    tests = read_test_results(out / "gpu_tests.xml")
-    bench = benchmark_rows(out / "benchmark" / "benchmark.json")
+def build_report(work: Path, mode: str, steps: list[dict]) -> dict:
+    tests = read_test_results(work / "gpu_tests.xml")
+    bench = benchmark_rows(work / "benchmark" / "benchmark.json")
+    measured_tokens = [row["mean_tokens_per_sample"] for row in bench["rows"] if row.get("mean_tokens_per_sample")]
     return {
         "mode": mode,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device_info(),
         "versions": versions(),
+        "sdpa_kernels": sdpa_kernels(round(measured_tokens[0]) if measured_tokens else DOCVQA_TOKENS),
         "setup": steps,
         "tests": tests,
         "benchmark": bench,
@@ -144,12 +181,13 @@ def build_report(out: Path, mode: str, steps: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="the check's output folder")
+    parser.add_argument("--out", required=True, help="the report's folder")
+    parser.add_argument("--work", help="the folder with gpu_tests.xml and benchmark/ (default: --out)")
     parser.add_argument("--mode", choices=["gpu", "dry-run"], required=True)
     parser.add_argument("--step", action="append", default=[], help="NAME=STATUS:SECONDS[:DETAIL], repeatable")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    report = build_report(out, args.mode, [parse_step(step) for step in args.step])
+    report = build_report(Path(args.work or args.out), args.mode, [parse_step(step) for step in args.step])
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = render_markdown(report)
     (out / "gpu_check.md").write_text(markdown)

@@ -41,11 +41,12 @@ def flag_data_bound(rows: list[dict], data_path: dict | None) -> None:
 
 
 def versions() -> dict:
-    """Python, torch, transformers and the optional packages that change the numbers, where installed."""
-    import transformers
-
-    found = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    for package in ("deepspeed", "peft", "accelerate", "bitsandbytes", "flash_attn"):
+    """Python, torch with its CUDA and cuDNN, transformers and the optional packages that change the numbers,
+    where installed."""
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    found = {"python": platform.python_version(), "torch": torch.__version__,
+             "cuda": torch.version.cuda or "none (CPU build)", "cudnn": str(cudnn) if cudnn else "none"}
+    for package in ("transformers", "deepspeed", "peft", "accelerate", "datasets", "bitsandbytes", "flash_attn"):
         with contextlib.suppress(Exception):
             if importlib.util.find_spec(package) is not None:
                 from importlib.metadata import version

@@ -18,15 +18,12 @@ case "${1:-}" in
     --no-test) RUN_TESTS=0 ;;
     *) echo "usage: scripts/update_lock.sh [--no-test]" >&2; exit 2 ;;
 esac
-PYTHON="${PYTHON:-python3}"
 CPU_INDEX=https://download.pytorch.org/whl/cpu
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-# A recent pip resolves for another platform without installing (pip install --dry-run --report).
-"$PYTHON" -m venv "$work/resolver"
-resolver="$work/resolver/bin/python"
-"$resolver" -m pip install --quiet --upgrade "pip>=25"
+source scripts/resolver_env.sh
+resolver="$(make_resolver "$work/resolver")"
 if [ "$("$resolver" -c 'import platform, sys; print(sys.platform, platform.machine(), *sys.version_info[:2])')" != "linux x86_64 3 11" ]; then
     echo "scripts/update_lock.sh resolves for the platform it runs on: run it on Linux x86_64 with Python 3.11" >&2
     exit 2

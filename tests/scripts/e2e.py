@@ -43,12 +43,14 @@ RUN_TIMEOUT = 300
 
 
 def script_env() -> dict[str, str]:
-    """Environment of every script run: offline, the repository importable, one thread per process."""
+    """Environment of every script run: offline, the repository importable (before any packages the caller
+    put on PYTHONPATH, which the children keep: gpu_check.sh installs to a side folder), one thread per process."""
     env = dict(os.environ)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     env.update(
-        PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=python_path, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
     )
     return env
