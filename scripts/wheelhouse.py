@@ -18,6 +18,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from urllib.parse import unquote
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -61,7 +62,7 @@ def read_freeze(path: Path) -> dict[str, str]:
 
 def _version_from_url(url: str) -> str | None:
     match = WHEEL_VERSION.search(url)
-    return match.group(1) if match else None
+    return unquote(match.group(1)) if match else None
 
 
 def needed_requirements(requirements: Path, node: dict[str, str], qlora: bool) -> list[Requirement]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu_check import parse_step, read_test_results, render_markdown, verdict
+from benchmarks.gpu_check import parse_step, read_test_results, render_markdown, sdpa_kernels, verdict
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,9 @@ def dry_run(tmp_path_factory) -> dict:
 def test_dry_run_report_has_every_stage(dry_run):
     report = dry_run["json"]
     assert report["mode"] == "dry-run" and report["device"]["cuda"] is False
-    assert {"python", "torch", "transformers", "deepspeed", "peft", "accelerate"} <= set(report["versions"])
+    assert {"python", "torch", "cuda", "cudnn", "transformers", "deepspeed", "peft", "accelerate"} <= set(report["versions"])
+    assert sorted(path.name for path in dry_run["out"].iterdir()) == [
+        "gpu_check.json", "gpu_check.md", "gpu_check_logs.tar.gz"]  # working files go to OUT.work
     steps = {step["name"]: step for step in report["setup"]}
     assert steps["environment"]["status"] == "ok"
     assert steps["gpu-tests"]["status"] == "ok" and steps["benchmark"]["status"] == "ok"
@@ -61,6 +63,7 @@ def test_dry_run_markdown(dry_run):
     assert md.startswith("# GPU check (dry-run): PASS")
     assert "| environment | ok |" in md and "| LoRA | no | ok |" in md
     assert "## GPU tests (`pytest -m gpu`)" in md and "skipped" in md
+    assert "- SDPA kernel, vision tower (577 positions): " in md
     assert md in dry_run["stdout"]
 
 
@@ -86,8 +89,17 @@ def test_test_results_and_verdict(tmp_path):
     assert verdict(steps, read_test_results(tmp_path / "missing.xml"), bench) == "fail"  # tests not run
 
 
+def test_sdpa_kernels_name_torch_backends_for_each_attention_call():
+    from torch.nn.attention import SDPBackend
+
+    kernels = sdpa_kernels(300)
+    assert list(kernels) == ["decoder, padded batch (300 tokens, mask)", "decoder, no padding (300 tokens, causal)",
+                             "vision tower (577 positions)"]
+    assert all(kernel.split()[0] in SDPBackend.__members__ for kernel in kernels.values())
+
+
 def test_markdown_never_invents_figures():
-    report = {"mode": "gpu", "verdict": "fail", "date": "d", "versions": {"torch": "x"}, "setup": [],
+    report = {"mode": "gpu", "verdict": "fail", "date": "d", "versions": {"torch": "x"}, "sdpa_kernels": {}, "setup": [],
               "device": {"cuda": False, "name": "CPU (no CUDA GPU)", "count": 0},
               "tests": {"ran": False, "counts": {}, "tests": []},
               "benchmark": {"ran": True, "model": "m", "rows": [
