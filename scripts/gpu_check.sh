@@ -99,6 +99,7 @@ node_environment() {
         exit 1
     fi
     export PYTHONPATH="$REPO:$site${PYTHONPATH:+:$PYTHONPATH}"
+    export PATH="$site/bin:$PATH"  # the wheels' commands, e.g. ninja for DeepSpeed's run-time op builds
     local probe="import torch, transformers, peft, accelerate, datasets, deepspeed"
     [ "$MODE" = gpu ] && probe="$probe; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'"
     if "$PY" -c "$probe" >>"$LOGS/setup.log" 2>&1; then
