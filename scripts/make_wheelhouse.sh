@@ -12,6 +12,15 @@
 # Copy DIR next to the repository and run scripts/gpu_check.sh --python ... --wheelhouse DIR on the node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# pip evaluates dependency markers (python_version < "3.12", ...) with the Python it runs on: resolve with the
+# node's Python version where this machine has it (PYTHON=... chooses another).
+previous=""
+for argument in "$@"; do
+    if [ "$previous" = --target-python ] && [ -z "${PYTHON:-}" ] && "python$argument" -c "" >/dev/null 2>&1; then
+        export PYTHON="python$argument"
+    fi
+    previous="$argument"
+done
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 source scripts/resolver_env.sh
