@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -22,14 +21,6 @@ from .distributed import ONE_PROCESS, Distributed
 from .metrics import Metric
 
 logger = logging.getLogger(__name__)
-
-
-def _gather(records: list[dict], distributed: Distributed) -> list[dict]:
-    if distributed.world_size == 1:
-        return records
-    gathered = [None] * distributed.world_size
-    dist.all_gather_object(gathered, records)
-    return [record for part in gathered for record in part]
 
 
 @torch.no_grad()
@@ -63,7 +54,8 @@ def generate_predictions(
             records.append({"index": shard[position], "id": sample_id, "prediction": text, "references": refs})
             position += 1
     model.train(was_training)
-    return sorted(_gather(records, distributed), key=lambda record: record["index"])
+    gathered = [record for part in distributed.gather(records) for record in part]
+    return sorted(gathered, key=lambda record: record["index"])
 
 
 def evaluate(
