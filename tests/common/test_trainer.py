@@ -112,7 +112,6 @@ print("released")
 """
 
 
-@pytest.mark.slow
 def test_release_frees_the_deepspeed_engine_and_zero_optimizer(tiny_model_dir):
     """Full finetuning under ZeRO-2 (own process: DeepSpeed starts a process group)."""
     from tests.scripts.e2e import REPO_ROOT, script_env
