@@ -174,7 +174,10 @@ def _problems(args: argparse.Namespace, processes: int) -> list[str]:
     problems = []
     if not 1 <= args.num_crops <= 16:
         problems.append(f"--num_crops must be between 1 and 16, got {args.num_crops}")
-    counts = ("batch_size", "batch_size_per_gpu", "num_train_epochs", "lora_rank", "logging_steps", "max_new_tokens")
+    counts = (
+        "batch_size", "batch_size_per_gpu", "num_train_epochs", "lora_rank", "logging_steps", "max_new_tokens",
+        "eval_size",
+    )
     if args.preview_samples is not None and args.preview_samples < 1:
         problems.append(f"--preview_samples must be at least 1, got {args.preview_samples}")
     for flag in counts:
@@ -191,8 +194,12 @@ def _problems(args: argparse.Namespace, processes: int) -> list[str]:
         problems.append(f"--lora_alpha_ratio must be positive, got {args.lora_alpha_ratio}")
     if args.learning_rate <= 0:
         problems.append(f"--learning_rate must be positive, got {args.learning_rate}")
-    if args.save_steps < 0:
-        problems.append(f"--save_steps must be >= 0, got {args.save_steps}")
+    for flag in ("save_steps", "warmup_steps"):
+        if getattr(args, flag) < 0:
+            problems.append(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        problems.append(f"--save_total_limit must be at least 1 (leave it out to keep every checkpoint), "
+                        f"got {args.save_total_limit}")
     if args.dataloader_num_workers < 0:
         problems.append(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
     for flag in ("max_length", "max_eval_samples"):

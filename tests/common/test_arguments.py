@@ -178,7 +178,9 @@ def test_num_crops_bounds_are_valid(crops):
     assert validated("--num_crops", str(crops)).model.num_crops == crops
 
 
-@pytest.mark.parametrize("flag", ["batch_size", "batch_size_per_gpu", "num_train_epochs", "lora_rank", "logging_steps"])
+@pytest.mark.parametrize(
+    "flag", ["batch_size", "batch_size_per_gpu", "num_train_epochs", "lora_rank", "logging_steps", "eval_size"]
+)
 def test_counts_must_be_positive(flag):
     assert f"--{flag} must be at least 1, got 0" in problems_of(f"--{flag}", "0")
 
@@ -211,6 +213,9 @@ def test_world_size_defaults_to_one():
         (["--lora_alpha_ratio", "0"], "--lora_alpha_ratio must be positive, got 0.0"),
         (["--learning_rate", "0"], "--learning_rate must be positive, got 0.0"),
         (["--save_steps", "-1"], "--save_steps must be >= 0, got -1"),
+        (["--warmup_steps", "-1"], "--warmup_steps must be >= 0, got -1"),
+        (["--save_total_limit", "0"], "--save_total_limit must be at least 1 (leave it out to keep every checkpoint)"),
+        (["--save_total_limit", "-1"], "--save_total_limit must be at least 1"),
         (["--max_length", "0"], "--max_length must be positive, got 0"),
         (["--max_eval_samples", "0"], "--max_eval_samples must be positive, got 0"),
     ],
