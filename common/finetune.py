@@ -2,7 +2,7 @@
 
 A task script hands its `Task` (common/task.py) and parsed flags to `run_script`; the run's processes are
 known first (common/distributed.py), the flags are resolved against them (common/arguments.py), and
-`run_finetuning` runs the phases below. Everything else — the run directory and resume
+`run_finetuning` runs the phases below, logging set up first. Everything else — the run directory and resume
 (common/run_directory.py), model loading (common/model_loading.py), the Trainer (common/trainer.py),
 evaluation, stopping on a signal — lives in its own module; this one only orders the phases.
 """
@@ -24,7 +24,7 @@ from .config import EvaluationConfig, OutputConfig, RunConfig
 from .distributed import Distributed
 from .errors import UserError
 from .evaluation import evaluate
-from .logging_setup import quiet_libraries, setup_logging
+from .logging_setup import setup_logging
 from .model_loading import load_model, load_processor_and_model
 from .plotting import plot_training_curves
 from .preemption import Interrupted, PreemptionCallback, StopSignals, report_and_exit, resume_command
@@ -76,7 +76,7 @@ def _report_interruption(outputs: OutputConfig, signals: StopSignals) -> None:
 
 def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, float]:
     strategy, precision, outputs, evaluation = config.strategy, config.precision, config.outputs, config.evaluation
-    quiet_libraries(config.verbose)  # before they load anything
+    setup_logging(signals.distributed, config.verbose)  # before the libraries load anything
     train_dataset, eval_dataset = load_datasets(task, config.data, config.task_options)
     if config.preview_samples:
         run_preview(config, train_dataset, eval_dataset, signals.distributed)
@@ -85,7 +85,6 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
     train_args = training_arguments(
         config.training, outputs, strategy, precision, distributed, train_dataset.has_text_only_samples()
     )
-    setup_logging(distributed, config.verbose)
     logger.info(
         "%s with %s on %d process(es), %s", task.name, strategy.name, distributed.world_size, precision.describe()
     )

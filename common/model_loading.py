@@ -9,15 +9,21 @@ checkpoint's processor with the run's num_crops.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig, PreTrainedModel
 
 from .config import LoraSettings, ModelConfig
 from .errors import UserError
 from .precision import Precision
 from .strategy import LANGUAGE_LORA_TARGETS, VISION_LORA_TARGETS, TrainingStrategy
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+# peft is imported where adapters are made or loaded, not with this module: importing it loads bitsandbytes,
+# which probes for its kernels and prints a line of its own before any logging is set up (even for --help).
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +58,8 @@ def lora_config(
 ) -> LoraConfig | None:
     if not strategy.lora:
         return None
+    from peft import LoraConfig
+
     targets = LANGUAGE_LORA_TARGETS + ([] if strategy.freeze_vision else VISION_LORA_TARGETS)
     return LoraConfig(
         r=rank,
@@ -82,6 +90,8 @@ def load_model(
         device_map={"": torch.device(device)},
     )
     if adapter_path is not None:
+        from peft import PeftModel
+
         model = PeftModel.from_pretrained(model, adapter_path)
     return model
 
@@ -112,11 +122,13 @@ def build_model(
     # loads onto a complete base model without missing keys) and are dropped from the model being trained.
     adapters = lora_config(strategy, lora.rank, lora.alpha_ratio, lora.dropout, model.unused_vision_layers_pattern())
     if adapters is not None:
+        from peft import get_peft_model
+
         model.enable_input_require_grads()
         model = get_peft_model(model, adapters)
         model.get_base_model().trim_unused_vision_layers()  # never computed: saves the work, and DDP's checks
     if strategy.freeze_vision:
-        freeze_image_embedding(model.get_base_model() if isinstance(model, PeftModel) else model)
+        freeze_image_embedding(model.get_base_model() if adapters is not None else model)
     trainable, total = parameter_counts(model)
     logger.info("%s: %s of %s parameters trainable", strategy.name, f"{trainable:,}", f"{total:,}")
     return model
