@@ -1,7 +1,8 @@
-"""Evaluation by greedy generation, sharded across ranks and gathered on rank 0, as the recipe does.
+"""Evaluation by greedy generation, sharded across ranks, as the recipe does.
 
-Every rank generates for its shard (samples rank, rank + world, ...) in left-padded batches; rank 0
-puts the predictions back in dataset order, computes the metric and writes the JSON report.
+Every rank generates for its shard (samples rank, rank + world, ...) in left-padded batches; the
+predictions are gathered on every rank, put back in dataset order and scored there (every rank gets the
+report); rank 0 writes the JSON report.
 """
 
 from __future__ import annotations
