@@ -60,9 +60,12 @@ from PIL import Image
 from tqdm import tqdm
 
 # The frame-extraction workers (spawned: they import this file again) only extract frames; importing `common`
-# (torch, transformers) would cost each of them seconds. Errors and the guard belong to the main process.
+# (torch, transformers) would cost each of them seconds. Errors, the guard and the jsonl records belong to the
+# main process: the workers' functions (convert_video and what it calls) report an unusable video as a
+# returned reason, never as a UserError.
 if multiprocessing.parent_process() is None:
     from common.cli import main_guard
+    from common.data import Turn, conversation_record
     from common.errors import UsageError, UserError
 
 HUB_REPO_ID = "sayakpaul/ucf101-subset"
@@ -472,13 +475,8 @@ def conversion_results(jobs: list[FrameJob], num_workers: int) -> Iterator[Itera
 
 
 def build_record(video: Video, frame_count: int, prompt: str) -> dict:
-    return {
-        "id": f"{video.split}-{video.index:010d}",
-        "source": "ucf101",
-        "conversations": [
-            {"images": video.frame_names(frame_count), "user": prompt, "assistant": video.label}
-        ],
-    }
+    turn = Turn(user=prompt, assistant=video.label, images=video.frame_names(frame_count))
+    return conversation_record(f"{video.split}-{video.index:010d}", "ucf101", [turn])
 
 
 def write_jsonl_files(out_dir: Path, videos: list[Video], frame_counts: dict[int, int]) -> None:

@@ -23,13 +23,14 @@ import os
 import random
 from dataclasses import dataclass
 
-from common.arguments import build_parser, resolve_run_config
+from common.arguments import build_parser
 from common.cli import main_guard
 from common.config import DataConfig
 from common.data import Sample, SampleDataset, Turn, base_dir_of, first_images, load_split
 from common.errors import UserError
-from common.finetune import Task, run_finetuning
+from common.finetune import run_script
 from common.metrics import ANLS
+from common.task import Task
 
 MINI = "nielsr/docvqa_1200_examples"
 BRIEFLY = "\nAnswer briefly."
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         help="train on the_cauldron's docvqa subset instead of the 1,000-row mini-train split")
     parser.add_argument("--eval_dataset_path", default=None,
                         help=f"local copy of {MINI} for evaluation (default: --dataset_path)")
-    return run_finetuning(TASK, resolve_run_config(parser.parse_args(argv), TASK.options))
+    return run_script(TASK, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -19,12 +19,13 @@ frozen vision lr 2e-5, 2 epochs: 89.20.
 
 import random
 
-from common.arguments import build_parser, resolve_run_config
+from common.arguments import build_parser
 from common.cli import main_guard
 from common.config import DataConfig
 from common.data import Sample, Turn, first_images, load_cauldron_splits
-from common.finetune import Task, run_finetuning
+from common.finetune import run_script
 from common.metrics import ACCURACY
+from common.task import Task
 
 
 def conversation(row, index: int, draws: random.Random) -> Sample:
@@ -45,13 +46,11 @@ def load_nlvr2(data: DataConfig, options: None):
     return load_cauldron_splits("nlvr2", data.dataset_path, data.eval_size, conversation, first_question)
 
 
-TASK = Task("NLVR2", ACCURACY, load_nlvr2)
+TASK = Task("NLVR2", ACCURACY, load_nlvr2, flash_attention_implies_bf16=True)  # as the recipe's NLVR2 script
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    args = build_parser(__doc__, num_crops=16).parse_args(argv)
-    args.bf16 = args.bf16 or args.use_flash_attention  # as the recipe's NLVR2 script: flash attention turns bf16 on
-    return run_finetuning(TASK, resolve_run_config(args))
+    return run_script(TASK, build_parser(__doc__, num_crops=16).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,12 +16,14 @@ the report lists `{"id", "answer"}` and `{"id", "generated_text"}`.
 Frames are many images per sample, so num_crops defaults to 4 (Phi-3.5-vision's multi-frame setting).
 """
 
-from common.arguments import build_parser, resolve_run_config
+from common.arguments import build_parser
 from common.cli import main_guard
-from common.finetune import Task, run_finetuning
+from common.finetune import run_script
 from common.metrics import ACCURACY_BY_ID
+from common.task import Task
 
-TASK = Task("UCF-101", ACCURACY_BY_ID)  # its data is the generic format: --data_dir, required below
+# its data is the generic format (--data_dir, required below); flash attention turns bf16 on, as the recipe's script
+TASK = Task("UCF-101", ACCURACY_BY_ID, flash_attention_implies_bf16=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -29,8 +31,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     if not args.data_dir:
         parser.error("--data_dir is required: the output folder of convert_ucf101.py")
-    args.bf16 = args.bf16 or args.use_flash_attention  # as the recipe's UCF-101 script: flash attention turns bf16 on
-    return run_finetuning(TASK, resolve_run_config(args))
+    return run_script(TASK, args)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,9 @@ def _worker_config(args) -> tuple[str, bool]:
     return strategies[0], args.flash == "on"
 
 
-def run_config(args: argparse.Namespace, strategy: str, flash: bool, model_path: str, workers: int) -> RunConfig:
+def run_config(
+    args: argparse.Namespace, strategy: str, flash: bool, model_path: str, workers: int, distributed: Distributed
+) -> RunConfig:
     """The configuration a script would resolve from the benchmark's flags with this strategy's and flash
     attention's flags on, training warmup + timed steps, into its own output folder."""
     flags = {
@@ -102,21 +104,22 @@ def run_config(args: argparse.Namespace, strategy: str, flash: bool, model_path:
         "model_name_or_path": model_path,
         "dataloader_num_workers": workers,
     }
-    return resolve_run_config(argparse.Namespace(**flags))
+    return resolve_run_config(argparse.Namespace(**flags), distributed=distributed)
 
 
 def measure(args, strategy: str, flash: bool, distributed: Distributed) -> dict:
     """Train warmup+steps optimizer steps through the scripts' path; the row of one configuration (rank 0)."""
     from transformers import AutoConfig
 
-    from common.finetune import load_processor_and_model, make_trainer
-    from common.strategy import parameter_counts
+    from common.model_loading import load_processor_and_model, parameter_counts
+    from common.trainer import make_trainer
     from common.training_arguments import training_arguments
 
     model_path, pages = prepare_assets(args, wait_only=distributed.local_rank != 0)
     workers = args.dataloader_num_workers
     config = run_config(
-        args, strategy, flash, model_path, auto_workers(distributed.local_world_size) if workers is None else workers
+        args, strategy, flash, model_path, auto_workers(distributed.local_world_size) if workers is None else workers,
+        distributed,
     )
     training, precision = config.training, config.precision
     train_args = training_arguments(
@@ -129,7 +132,9 @@ def measure(args, strategy: str, flash: bool, distributed: Distributed) -> dict:
     trainable, total = parameter_counts(model)
 
     timer = StepTimer(args.warmup_steps, args.steps)
-    make_trainer(model, processor, train_args, dataset, training.max_length, callbacks=[timer]).train()
+    make_trainer(
+        model, processor, train_args, dataset, training.max_length, callbacks=[timer], distributed=distributed
+    ).train()
     allocated, reserved = peak_memory_gib(distributed.device)
 
     processes = distributed.world_size

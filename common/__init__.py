@@ -4,4 +4,12 @@ Importing this package registers the native Phi-3-V model family (`model_type` `
 transformers' Auto classes, so official checkpoints load without `trust_remote_code`.
 """
 
-from . import phi3v  # noqa: F401  (registration side effect)
+import logging
+
+# transformers' Trainer imports peft, which imports bitsandbytes, which logs a warning while it probes for
+# CPU kernels: before any command could set up its logging, even for --help. Those loggers stay quiet until
+# common/logging_setup.py decides (--verbose shows the libraries' lines).
+for _library in ("bitsandbytes", "kernels"):
+    logging.getLogger(_library).setLevel(logging.ERROR)
+
+from . import phi3v  # noqa: E402, F401  (registration side effect)

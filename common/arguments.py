@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import (
     RESUME_LATEST,
@@ -25,10 +26,13 @@ from .config import (
     RunConfig,
     TrainingConfig,
 )
-from .distributed import launched_world_size
+from .distributed import Distributed
 from .errors import UsageError
 from .precision import resolve_precision
 from .strategy import TrainingStrategy
+
+if TYPE_CHECKING:
+    from .task import Task
 
 DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
 
@@ -102,17 +106,18 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
 
 
 def resolve_run_config(
-    args: argparse.Namespace, task_options: type | None = None, world_size: int | None = None
+    args: argparse.Namespace, task: Task | None = None, distributed: Distributed | None = None
 ) -> RunConfig:
     """The run's configuration from parsed flags; one UsageError lists every problem.
 
-    `task_options`: the frozen dataclass of a script's own flags (its fields are the flag names).
-    `world_size`: processes in the run (default: as launched, see common.distributed).
+    `task`: the script's `Task`, with its own flags (`options`) and flag rules.
+    `distributed`: the run's processes (default: as launched).
     """
-    processes = launched_world_size() if world_size is None else world_size
-    problems = _problems(args, processes)
+    distributed = Distributed.launched() if distributed is None else distributed
+    problems = _problems(args, distributed.world_size)
+    bf16 = args.bf16 or bool(task and task.flash_attention_implies_bf16 and args.use_flash_attention)
     try:
-        precision = resolve_precision(args.bf16, args.use_flash_attention)
+        precision = resolve_precision(bf16, args.use_flash_attention, local_rank=distributed.local_rank)
     except UsageError as error:
         problems.append(str(error))
     if problems:
@@ -136,7 +141,7 @@ def resolve_run_config(
             show_progress=args.tqdm,
         ),
         outputs=_from_flags(OutputConfig, args),
-        task_options=_from_flags(task_options, args) if task_options else None,
+        task_options=_from_flags(task.options, args) if task and task.options else None,
         verbose=args.verbose,
         preview_samples=args.preview_samples,
     )
@@ -169,7 +174,10 @@ def _problems(args: argparse.Namespace, processes: int) -> list[str]:
     problems = []
     if not 1 <= args.num_crops <= 16:
         problems.append(f"--num_crops must be between 1 and 16, got {args.num_crops}")
-    counts = ("batch_size", "batch_size_per_gpu", "num_train_epochs", "lora_rank", "logging_steps", "max_new_tokens")
+    counts = (
+        "batch_size", "batch_size_per_gpu", "num_train_epochs", "lora_rank", "logging_steps", "max_new_tokens",
+        "eval_size",
+    )
     if args.preview_samples is not None and args.preview_samples < 1:
         problems.append(f"--preview_samples must be at least 1, got {args.preview_samples}")
     for flag in counts:
@@ -186,8 +194,12 @@ def _problems(args: argparse.Namespace, processes: int) -> list[str]:
         problems.append(f"--lora_alpha_ratio must be positive, got {args.lora_alpha_ratio}")
     if args.learning_rate <= 0:
         problems.append(f"--learning_rate must be positive, got {args.learning_rate}")
-    if args.save_steps < 0:
-        problems.append(f"--save_steps must be >= 0, got {args.save_steps}")
+    for flag in ("save_steps", "warmup_steps"):
+        if getattr(args, flag) < 0:
+            problems.append(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        problems.append(f"--save_total_limit must be at least 1 (leave it out to keep every checkpoint), "
+                        f"got {args.save_total_limit}")
     if args.dataloader_num_workers < 0:
         problems.append(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
     for flag in ("max_length", "max_eval_samples"):

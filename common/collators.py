@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .data import Sample
 from .errors import UserError
-from .phi3v.processing_phi3_v import pad_sequences
+from .phi3v.processing_phi3_v import pad_sequences, split_counts
 
 IGNORE_INDEX = -100
 END_OF_ANSWER = "<|end|>\n<|endoftext|>"
@@ -33,11 +33,10 @@ class ConversationEncoder:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def encode_training(self, sample: Sample, tokens_per_image: list[int]) -> tuple[list[int], list[int]]:
-        input_ids, labels, first = [], [], 0
-        for turn in sample.turns:
+        input_ids, labels = [], []
+        per_turn = split_counts(tokens_per_image, [len(turn.images) for turn in sample.turns])
+        for turn, counts in zip(sample.turns, per_turn, strict=True):
             prompt = self._template([{"role": "user", "content": sample.user_message(turn)}])
-            counts = tokens_per_image[first : first + len(turn.images)]
-            first += len(turn.images)
             prompt_ids = self.processor.encode_prompt(prompt, counts)
             answer_ids = self.tokenizer(turn.assistant + END_OF_ANSWER, add_special_tokens=False).input_ids
             input_ids += prompt_ids + answer_ids
@@ -57,10 +56,9 @@ class ConversationEncoder:
         images = [image for sample in samples for image in sample.images]
         image_inputs = self.processor.image_processor(images) if images else None
         counts = image_inputs["num_img_tokens"] if image_inputs else []
-        ids, labels, first = [], [], 0
-        for sample in samples:
-            own_counts = counts[first : first + len(sample.images)]
-            first += len(sample.images)
+        ids, labels = [], []
+        per_sample = split_counts(counts, [len(sample.images) for sample in samples])
+        for sample, own_counts in zip(samples, per_sample, strict=True):
             try:
                 if training:
                     sample_ids, sample_labels = self.encode_training(sample, own_counts)

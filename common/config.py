@@ -2,15 +2,18 @@
 
 `common.arguments.resolve_run_config` builds them from the command line, validated, with every implied
 value resolved (QLoRA implies LoRA, the evaluation batch defaults to the training micro-batch, the
-DeepSpeed config to ds_configs/zero2.json for full finetuning). Nothing changes them afterwards.
+DeepSpeed config to ds_configs/zero2.json for full finetuning). Nothing changes them afterwards. Plain data:
+this module imports no library and no other module of the package.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .precision import Precision
-from .strategy import TrainingStrategy
+if TYPE_CHECKING:  # annotations only: this module imports nothing at run time
+    from .precision import Precision
+    from .strategy import TrainingStrategy
 
 RESUME_LATEST = "latest"  # --resume_from_checkpoint without a path: the newest checkpoint in output_dir
 

@@ -250,6 +250,16 @@ def read_conversation_jsonl(path: Path) -> list[Sample]:
     return samples
 
 
+def conversation_record(sample_id: str, source: str, turns: list[Turn]) -> dict:
+    """One line of the generic format, as `read_conversation_jsonl` reads it back (image paths relative to the
+    folder's images/)."""
+    return {
+        "id": sample_id,
+        "source": source,
+        "conversations": [{"images": list(turn.images), "user": turn.user, "assistant": turn.assistant} for turn in turns],
+    }
+
+
 def find_split_file(data_dir: Path, split: str) -> Path:
     matches = sorted(data_dir.glob(f"*{split}.jsonl"))
     if len(matches) != 1:
@@ -274,18 +284,19 @@ def _copy(sample: Sample, index: int, draws: random.Random) -> Sample:
 
 
 def load_cauldron_splits(subset: str, dataset_path: str | None, eval_size: int, train_sample: ToSample,
-                         eval_sample: ToSample, seed: int = 0) -> tuple[SampleDataset, SampleDataset]:
+                         eval_sample: ToSample) -> tuple[SampleDataset, SampleDataset]:
     """(train, eval) of a HuggingFaceM4/the_cauldron subset, which has only a train split: its first
     `eval_size` rows are held out for evaluation (`train[:eval_size]`), the rest train, as the recipe.
-    Rows: `images` (list) and `texts` ([{"user", "assistant"}, ...])."""
+    Rows: `images` (list) and `texts` ([{"user", "assistant"}, ...]). Its samples draw nothing at random
+    (the recipe's hateful memes and NLVR2 scripts take every row as it is)."""
     rows = load_split("HuggingFaceM4/the_cauldron", subset, "train", dataset_path)
     held_out = min(eval_size, len(rows))
     base_dir = base_dir_of(dataset_path)
     # lists, not ranges: datasets rejects an empty range that starts at the end
     train_indices = list(range(held_out, len(rows)))
     return (
-        SampleDataset(rows.select(train_indices), train_sample, base_dir, seed, train_indices),
-        SampleDataset(rows.select(list(range(held_out))), eval_sample, base_dir, seed),
+        SampleDataset(rows.select(train_indices), train_sample, base_dir, row_indices=train_indices),
+        SampleDataset(rows.select(list(range(held_out))), eval_sample, base_dir),
     )
 
 

@@ -1,18 +1,21 @@
-"""Where rank, local rank, world size and device come from: `start_distributed`, called once per run.
+"""A process's place in the run — rank, local rank, world size, device — and everything done across ranks.
 
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; `python SCRIPT` is a world of one process. The start-up
-step below is the only code that touches that environment or accelerate's process state; everything
-else (the run, the benchmark, evaluation sharding, model placement, batch-size checks) reads the frozen
-`Distributed` it returns.
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; `python SCRIPT` is a world of one process. `Distributed.launched`
+reads them once, before the flags are resolved (the batch-size check needs the world size, the precision
+checks this process's GPU); `Distributed.started` then prepares the process for the Trainer. This module is the
+only code that reads that environment or touches accelerate's process state, and the only one that calls
+`torch.distributed`: checkpoints, preemption and evaluation barrier, gather and agree through `Distributed`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from accelerate import PartialState
 
 
@@ -26,46 +29,72 @@ class Distributed:
     # accelerate's process state was set up here (CPU DeepSpeed): TrainingArguments must use it as it is
     accelerate_state_configured: bool = False
 
+    @classmethod
+    def launched(cls) -> Distributed:
+        """This process as the launcher started it (a world of one for `python SCRIPT`); nothing is changed."""
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(
+            rank=int(os.environ.get("RANK", "0")),
+            local_rank=local_rank,
+            world_size=world_size,
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+            device=torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu"),
+        )
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def started(self, uses_deepspeed: bool) -> Distributed:
+        """Prepare this process for the Trainer; the same place in the run, with what the preparation set up.
+
+        `python SCRIPT` under DeepSpeed or on a GPU gets a single-process rendezvous; without a GPU, DeepSpeed
+        runs and multi-process runs get accelerate's state on gloo. The process group itself is started by the
+        Trainer's arguments.
+        """
+        cuda = self.device.type == "cuda"
+        if (uses_deepspeed or cuda) and "RANK" not in os.environ:
+            _single_process_rendezvous()
+        configured = not cuda and (uses_deepspeed or self.world_size > 1)
+        if configured:
+            _cpu_process_state(uses_deepspeed)
+        return dataclasses.replace(self, accelerate_state_configured=configured)
+
+    @property
+    def _in_process_group(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        """Wait for every rank (nothing to wait for in a world of one)."""
+        if self._in_process_group:
+            dist.barrier()
+
+    def gather(self, value) -> list:
+        """Every rank's `value` (picklable), in rank order, on every rank; every rank must call it (within the
+        process group, which the Trainer's arguments start)."""
+        if self.world_size == 1:
+            return [value]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def agree_max(self, value: int) -> int:
+        """The largest of every rank's `value`, the same on every rank; every rank must call it."""
+        if not self._in_process_group:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
 
 
 ONE_PROCESS = Distributed(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))  # no launcher, no GPU
 
 
-def launched_world_size() -> int:
-    """Processes the launcher started (torchrun's WORLD_SIZE; 1 for `python SCRIPT`)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def launched_local_rank() -> int:
-    """This process's GPU index on its node as the launcher assigned it (0 for `python SCRIPT`); for checks that
-    run before `start_distributed` (the GPU's capabilities while the flags are resolved)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def start_distributed(uses_deepspeed: bool) -> Distributed:
-    """Prepare this process for the Trainer and return its place in the run.
-
-    `python SCRIPT` under DeepSpeed or on a GPU gets a single-process rendezvous; without a GPU, DeepSpeed
-    runs get accelerate's state on gloo. The process group itself is started by the Trainer's arguments.
-    """
-    cuda = torch.cuda.is_available()
-    if (uses_deepspeed or cuda) and "RANK" not in os.environ:
-        _single_process_rendezvous()
-    configured = not cuda and (uses_deepspeed or launched_world_size() > 1)
-    if configured:
-        _cpu_process_state(uses_deepspeed)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return Distributed(
-        rank=int(os.environ.get("RANK", "0")),
-        local_rank=local_rank,
-        world_size=launched_world_size(),
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))),
-        device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
-        accelerate_state_configured=configured,
-    )
+    """This process as launched, prepared for the Trainer (for code that resolves no flags first: the
+    benchmark's workers, tests)."""
+    return Distributed.launched().started(uses_deepspeed)
 
 
 def _single_process_rendezvous() -> None:

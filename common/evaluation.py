@@ -1,7 +1,8 @@
-"""Evaluation by greedy generation, sharded across ranks and gathered on rank 0, as the recipe does.
+"""Evaluation by greedy generation, sharded across ranks, as the recipe does.
 
-Every rank generates for its shard (samples rank, rank + world, ...) in left-padded batches; rank 0
-puts the predictions back in dataset order, computes the metric and writes the JSON report.
+Every rank generates for its shard (samples rank, rank + world, ...) in left-padded batches; the
+predictions are gathered on every rank, put back in dataset order and scored there (every rank gets the
+report); rank 0 writes the JSON report.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -22,14 +22,6 @@ from .distributed import ONE_PROCESS, Distributed
 from .metrics import Metric
 
 logger = logging.getLogger(__name__)
-
-
-def _gather(records: list[dict], distributed: Distributed) -> list[dict]:
-    if distributed.world_size == 1:
-        return records
-    gathered = [None] * distributed.world_size
-    dist.all_gather_object(gathered, records)
-    return [record for part in gathered for record in part]
 
 
 @torch.no_grad()
@@ -63,7 +55,8 @@ def generate_predictions(
             records.append({"index": shard[position], "id": sample_id, "prediction": text, "references": refs})
             position += 1
     model.train(was_training)
-    return sorted(_gather(records, distributed), key=lambda record: record["index"])
+    gathered = [record for part in distributed.gather(records) for record in part]
+    return sorted(gathered, key=lambda record: record["index"])
 
 
 def evaluate(

@@ -19,15 +19,15 @@ from .distributed import Distributed
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LIBRARY_LOGGERS = (
-    "transformers", "accelerate", "DeepSpeed", "deepspeed", "peft", "bitsandbytes", "datasets", "huggingface_hub",
-    "torch.distributed", "torch._dynamo", "PIL",
+    "transformers", "accelerate", "DeepSpeed", "deepspeed", "peft", "bitsandbytes", "kernels", "datasets",
+    "huggingface_hub", "torch.distributed", "torch._dynamo", "PIL",
 )
 LIBRARY_MODULES = r"(transformers|accelerate|deepspeed|peft|bitsandbytes|datasets|huggingface_hub|torch|PIL)(\.|$)"
 
 
 def quiet_libraries(verbose: bool) -> None:
-    """Silence the libraries before they start talking (first thing in a run, before any of them loads a
-    model or starts DeepSpeed); with `verbose` leave them as they are."""
+    """Silence the libraries before they start talking (part of `setup_logging`, the first thing a run does,
+    before any of them loads a model or starts DeepSpeed); with `verbose` leave them as they are."""
     if verbose:
         return
     if not torch.cuda.is_available():
@@ -46,6 +46,7 @@ def quiet_libraries(verbose: bool) -> None:
 
 
 def setup_logging(distributed: Distributed, verbose: bool = False) -> None:
+    """Once per process, first thing: our lines from rank 0 (every rank with `verbose`), libraries quiet."""
     quiet_libraries(verbose)
     level = logging.INFO if distributed.is_main or verbose else logging.WARNING
     logging.basicConfig(format=LOG_FORMAT, level=level, stream=sys.stdout, force=True)
@@ -53,3 +54,5 @@ def setup_logging(distributed: Distributed, verbose: bool = False) -> None:
         import transformers
 
         transformers.utils.logging.set_verbosity_info()
+        for name in ("bitsandbytes", "kernels"):  # quiet since `import common`
+            logging.getLogger(name).setLevel(logging.NOTSET)

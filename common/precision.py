@@ -2,9 +2,9 @@
 
 The recipe's rules: weights load in bf16 with `--use_flash_attention`, in fp32 otherwise; the Trainer runs
 bf16 autocast with `--bf16` and fp16 mixed precision (loss scaling) without it; QLoRA's 4-bit matmuls compute
-in bf16 with flash attention, in fp16 otherwise. The NLVR2 and UCF-101 scripts turn `--bf16` on
-with `--use_flash_attention`, as the recipe's do; DocVQA and hateful memes do not, and flash attention with
-fp16 mixed precision is refused (the recipe's known issue: flash kernels and fp16 AMP do not go together).
+in bf16 with flash attention, in fp16 otherwise. The NLVR2 and UCF-101 tasks turn `--bf16` on with
+`--use_flash_attention`, as the recipe's scripts do (`Task.flash_attention_implies_bf16`, applied while the
+flags are resolved); DocVQA and hateful memes do not, and flash attention with fp16 mixed precision is refused (the recipe's known issue: flash kernels and fp16 AMP do not go together).
 
 Both flags are checked against the GPU's compute capability before anything loads: bf16 and flash-attn
 need Ampere (8.0) or newer (`torch.cuda.is_bf16_supported()` says yes on V100/T4, which only emulate bf16).
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import is_flash_attn_2_available
 
-from .distributed import launched_local_rank
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -52,12 +51,11 @@ class Device:
 NO_GPU = Device("CPU", None)
 
 
-def local_device(local_rank: int | None = None) -> Device:
-    """This process's GPU (LOCAL_RANK's under torchrun), or the CPU."""
+def local_device(local_rank: int) -> Device:
+    """The GPU of the process with this local rank (`Distributed.local_rank`), or the CPU."""
     if not torch.cuda.is_available():
         return NO_GPU
-    index = launched_local_rank() if local_rank is None else local_rank
-    return Device(torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index)))
+    return Device(torch.cuda.get_device_name(local_rank), tuple(torch.cuda.get_device_capability(local_rank)))
 
 
 @dataclass(frozen=True)
@@ -113,10 +111,11 @@ def resolve_precision(
     use_flash_attention: bool,
     device: Device | None = None,
     flash_attn_installed: bool | None = None,
+    local_rank: int = 0,
 ) -> Precision:
-    """Raises UsageError with the reason when the combination cannot run on `device` (default: this
-    process's GPU). Called while the flags are resolved, before anything loads."""
-    device = local_device() if device is None else device
+    """Raises UsageError with the reason when the combination cannot run on `device` (default: the GPU of
+    the process with `local_rank`). Called while the flags are resolved, before anything loads."""
+    device = local_device(local_rank) if device is None else device
     flash_attn_installed = is_flash_attn_2_available() if flash_attn_installed is None else flash_attn_installed
     if use_flash_attention:
         _check_flash_attention(device, bf16, flash_attn_installed)

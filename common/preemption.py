@@ -23,11 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 from transformers import TrainerCallback
 
-from .distributed import Distributed
+from .distributed import ONE_PROCESS, Distributed
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 REPEAT_WINDOW_S = 2.0
@@ -47,15 +45,15 @@ class StopSignals:
 
     `deferred` is True while training: then the first signal only records the request (`signum`), which the
     `PreemptionCallback` acts on at the end of the step; otherwise it raises `Interrupted` at once.
-    `activity` names what the run is doing, for the messages; only the main process prints them (every
-    process, before the run has started its processes and set `distributed`).
+    `activity` names what the run is doing, for the messages; only the main process of `distributed` prints
+    them.
     """
 
-    def __init__(self):
+    def __init__(self, distributed: Distributed = ONE_PROCESS):
         self.signum: int | None = None
         self.deferred = False
         self.activity = "start-up"
-        self.distributed: Distributed | None = None
+        self.distributed = distributed
         self._received_at = 0.0
         self._owner = os.getpid()
         self._previous = {}
@@ -73,13 +71,9 @@ class StopSignals:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else "a signal"
 
-    @property
-    def is_main(self) -> bool:
-        return self.distributed is None or self.distributed.is_main
-
     def _say(self, line: str) -> None:
         # os.write: the handler may run while the main thread is inside a print
-        if self.is_main:
+        if self.distributed.is_main:
             os.write(2, (line + "\n").encode())
 
     def _handle(self, signum: int, frame) -> None:
@@ -100,16 +94,6 @@ class StopSignals:
         os.kill(os.getpid(), signum)
 
 
-def agreed_signal(local: int | None, device: torch.device) -> int | None:
-    """The stop request of any rank (the highest signal number), the same on every rank; every rank must
-    call this at the same point."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    request = torch.tensor([local or 0], dtype=torch.int32, device=device)
-    dist.all_reduce(request, op=dist.ReduceOp.MAX)
-    return int(request.item()) or None
-
-
 class PreemptionCallback(TrainerCallback):
     """Acts on a stop request at the end of each optimizer step: all ranks stop at the same step and the
     Trainer writes a checkpoint, with or without --save_steps. A request that arrives while a checkpoint is
@@ -120,7 +104,8 @@ class PreemptionCallback(TrainerCallback):
         self.stopped_at: int | None = None
 
     def _agree(self, args) -> bool:
-        agreed = agreed_signal(self.signals.signum, args.device)
+        # the highest signal number any rank received: every rank stops at the same step
+        agreed = self.signals.distributed.agree_max(self.signals.signum or 0) or None
         if agreed and self.signals.signum is None:
             self.signals.signum = agreed  # the signal another rank received
         return agreed is not None
@@ -148,11 +133,11 @@ class PreemptionCallback(TrainerCallback):
 
 
 def resume_command(
-    argv: list[str], checkpoint: Path | None, distributed: Distributed | None, environ=os.environ
+    argv: list[str], checkpoint: Path | None, distributed: Distributed, environ=os.environ
 ) -> str:
     """The command line that continues this run from `checkpoint` (or starts it again when None): the same
     launcher and script arguments, with --resume_from_checkpoint set accordingly. `distributed`: the run's
-    processes, None when the run stopped before it knew them."""
+    processes."""
     arguments = _without_resume_flag(argv[1:])
     if checkpoint is not None:
         arguments += ["--resume_from_checkpoint", str(checkpoint)]
@@ -171,12 +156,10 @@ def _without_resume_flag(arguments: list[str]) -> list[str]:
     return kept
 
 
-def _launcher(distributed: Distributed | None, environ) -> list[str]:
+def _launcher(distributed: Distributed, environ) -> list[str]:
     """`python`, or the torchrun flags that recreate this launch (torchrun sets TORCHELASTIC_RUN_ID)."""
     if "TORCHELASTIC_RUN_ID" not in environ:
         return ["python"]
-    if distributed is None:
-        return ["torchrun", "<the same torchrun flags>"]
     per_node = distributed.local_world_size
     nodes = distributed.world_size // per_node
     if nodes == 1:
@@ -193,13 +176,13 @@ def exit_status(signum: int) -> int:
     return 128 + signum
 
 
-def report_and_exit(line: str, signum: int, is_main: bool, synchronize: bool) -> None:
+def report_and_exit(line: str, signum: int, distributed: Distributed, synchronize: bool) -> None:
     """Print `line` (the main process) and exit with the signal's status. `synchronize`: all ranks are alive
     and leave together, so that the launcher, seeing one rank end, stops none of the others before the main
     process is done."""
-    if is_main:
+    if distributed.is_main:
         print(line, file=sys.stderr, flush=True)
-    if synchronize and dist.is_available() and dist.is_initialized():
+    if synchronize:
         with contextlib.suppress(Exception):  # a peer already gone: it stopped too, and this rank is done
-            dist.barrier()
+            distributed.barrier()
     raise SystemExit(exit_status(signum))

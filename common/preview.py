@@ -14,9 +14,22 @@ from itertools import groupby
 from pathlib import Path
 
 from .collators import IGNORE_INDEX, ConversationEncoder
+from .config import RunConfig
 from .data import SampleDataset
+from .distributed import Distributed
+from .model_loading import load_processor
 
 PREVIEW_FILE = "data_preview.jsonl"
+
+
+def run_preview(config: RunConfig, train: SampleDataset, evaluation: SampleDataset, distributed: Distributed) -> None:
+    """--preview_samples: the samples as training and evaluation would build them; no weights, no training."""
+    processor = load_processor(config.model)
+    records = preview_records(processor, train, evaluation, config.preview_samples)
+    if distributed.is_main:
+        path = write_preview(records, Path(config.outputs.output_dir))
+        print(describe(processor.tokenizer, records[0]), flush=True)
+        print(f"{len(records)} preview records written to {path}", flush=True)
 
 
 def preview_records(processor, train: SampleDataset, evaluation: SampleDataset, count: int) -> list[dict]:

@@ -14,9 +14,12 @@ import gc
 import math
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from .checkpoints import ResumableTrainer
+from .collators import Phi3VTrainCollator
+from .data import DrawEpochCallback
+from .distributed import ONE_PROCESS, Distributed
 from .errors import UserError
 
 DEEPSPEED_MODULE_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check")
@@ -46,6 +49,23 @@ class FinetuningTrainer(ResumableTrainer):
             f"the training loss became {kind} at optimizer step {step}{total} ({mode}, learning rate "
             f"{self.args.learning_rate:g}): the numbers overflowed or diverged and the run cannot recover; {advice}"
         )
+
+
+def make_trainer(model, processor, train_args: TrainingArguments, dataset, max_length: int | None,
+                 keep_checkpoints: int | None = None, callbacks=(),
+                 distributed: Distributed = ONE_PROCESS) -> FinetuningTrainer:
+    """The Trainer of a run and of the benchmark's workers, with the recipe's collator; the dataset draws anew
+    every epoch."""
+    return FinetuningTrainer(
+        model=model,
+        args=train_args,
+        data_collator=Phi3VTrainCollator(processor, max_length),
+        train_dataset=dataset,
+        processing_class=processor,  # saved with the model and in every checkpoint
+        callbacks=[DrawEpochCallback(dataset), *callbacks],
+        keep_checkpoints=keep_checkpoints,
+        distributed=distributed,
+    )
 
 
 def release_training_state(trainer: Trainer) -> torch.nn.Module:

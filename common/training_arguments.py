@@ -3,7 +3,7 @@
 Gradient accumulation makes up the global batch; full finetuning (all weights or a frozen vision tower)
 runs under DeepSpeed ZeRO-2 with the config the run resolved (`ds_configs/zero2.json` by default).
 Building them has no side effects beyond what accelerate does: the environment was prepared by
-`common.distributed.start_distributed`.
+`Distributed.started` (common/distributed.py).
 """
 
 from __future__ import annotations

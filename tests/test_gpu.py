@@ -176,7 +176,7 @@ def _trainer(tiny_model_dir, tmp_path, precision, *flags):
     from common.arguments import build_parser, resolve_run_config
     from common.collators import Phi3VTrainCollator
     from common.distributed import start_distributed
-    from common.strategy import build_model
+    from common.model_loading import build_model
     from common.trainer import FinetuningTrainer
     from common.training_arguments import training_arguments
     from tests.common.test_trainer import samples
@@ -185,7 +185,7 @@ def _trainer(tiny_model_dir, tmp_path, precision, *flags):
         "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path), "--lora_rank", "4",
         "--batch_size", "2", "--batch_size_per_gpu", "2", "--num_crops", "1", "--warmup_steps", "0",
         "--learning_rate", "1e-3", "--dataloader_num_workers", "0", "--logging_steps", "1", "--no-tqdm", *flags,
-    ]), world_size=1)
+    ]))
     distributed = start_distributed(config.strategy.uses_deepspeed)
     train_args = training_arguments(config.training, config.outputs, config.strategy, precision, distributed)
     model = build_model(config.model.name_or_path, config.strategy, config.lora, precision, distributed.device)
@@ -242,8 +242,9 @@ def test_qlora_trains_with_finite_loss_and_vision_adapter_gradients(compute_dtyp
 @pytest.mark.parametrize("name", ["full", "lora", "qlora"])
 def test_models_load_straight_onto_the_local_gpu(name, tiny_model_dir):
     from common.config import LoraSettings
+    from common.model_loading import build_model
     from common.precision import resolve_precision
-    from common.strategy import STRATEGIES, build_model
+    from common.strategy import STRATEGIES
 
     device = torch.device("cuda", torch.cuda.device_count() - 1)  # not the default device when there are several
     model = build_model(str(tiny_model_dir), STRATEGIES[name], LoraSettings(4, 2, 0.0), resolve_precision(True, False),

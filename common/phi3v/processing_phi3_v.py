@@ -34,6 +34,16 @@ def pad_sequences(sequences: list[list[int]], value: int, side: str, length: int
     return out
 
 
+def split_counts(counts: list[int], sizes: list[int]) -> list[list[int]]:
+    """`counts` (one per image, in order) cut into consecutive runs of `sizes`: each prompt's, sample's or
+    turn's own images' token counts."""
+    runs, first = [], 0
+    for size in sizes:
+        runs.append(counts[first : first + size])
+        first += size
+    return runs
+
+
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
@@ -141,11 +151,11 @@ class Phi3VProcessor(ProcessorMixin):
         image_inputs = self.image_processor(flat_images) if flat_images else None
         tokens_per_image = image_inputs["num_img_tokens"] if image_inputs else []
 
-        sequences, first_image = [], 0
-        for (chunks, image_ids), prompt_images in zip(splits, images_per_prompt, strict=True):
-            counts = tokens_per_image[first_image : first_image + len(prompt_images)]
-            sequences.append(self._interleave(chunks, image_ids, counts))
-            first_image += len(prompt_images)
+        per_prompt = split_counts(tokens_per_image, [len(prompt_images) for prompt_images in images_per_prompt])
+        sequences = [
+            self._interleave(chunks, image_ids, counts)
+            for (chunks, image_ids), counts in zip(splits, per_prompt, strict=True)
+        ]
         if truncation not in (None, False, "do_not_truncate"):
             limit = max_length if max_length is not None else self.tokenizer.model_max_length
             sequences = [_truncate(sequence, limit) for sequence in sequences]

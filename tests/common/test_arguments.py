@@ -4,10 +4,13 @@ from dataclasses import FrozenInstanceError, dataclass
 
 import pytest
 
-from common.arguments import DEFAULT_DEEPSPEED_CONFIG, RESUME_LATEST, build_parser, resolve_run_config
-from common.distributed import launched_world_size
+from common.arguments import DEFAULT_DEEPSPEED_CONFIG, build_parser, resolve_run_config
+from common.config import RESUME_LATEST
+from common.distributed import ONE_PROCESS, Distributed
 from common.errors import UsageError
+from common.metrics import ACCURACY
 from common.strategy import TrainingStrategy
+from common.task import Task
 
 
 @pytest.fixture(autouse=True)
@@ -114,7 +117,8 @@ def test_task_options_are_typed():
 
     parser = build_parser("test")
     parser.add_argument("--full_train", action="store_true")
-    assert resolve_run_config(parser.parse_args(["--full_train"]), Options).task_options == Options(full_train=True)
+    task = Task("test", ACCURACY, options=Options)
+    assert resolve_run_config(parser.parse_args(["--full_train"]), task).task_options == Options(full_train=True)
 
 
 def test_resume_without_path_means_latest():
@@ -174,24 +178,30 @@ def test_num_crops_bounds_are_valid(crops):
     assert validated("--num_crops", str(crops)).model.num_crops == crops
 
 
-@pytest.mark.parametrize("flag", ["batch_size", "batch_size_per_gpu", "num_train_epochs", "lora_rank", "logging_steps"])
+@pytest.mark.parametrize(
+    "flag", ["batch_size", "batch_size_per_gpu", "num_train_epochs", "lora_rank", "logging_steps", "eval_size"]
+)
 def test_counts_must_be_positive(flag):
     assert f"--{flag} must be at least 1, got 0" in problems_of(f"--{flag}", "0")
 
 
 def test_batch_size_divisibility_uses_the_launched_world_size(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert launched_world_size() == 4
+    assert Distributed.launched().world_size == 4
     config = validated("--batch_size", "16", "--batch_size_per_gpu", "2")  # 16 / (4 x 2): accumulation 2
     assert config.training.batch_size == 16
     message = problems_of("--batch_size", "16", "--batch_size_per_gpu", "3")  # 16 / (4 x 3): not whole
     assert "--batch_size 16 must be divisible by processes (4) x --batch_size_per_gpu (3)" in message
     with pytest.raises(UsageError, match=r"processes \(2\)"):
-        resolve_run_config(parse("--batch_size", "3"), world_size=2)
+        resolve_run_config(parse("--batch_size", "3"), distributed=processes(2))
+
+
+def processes(world_size: int) -> Distributed:
+    return Distributed(rank=0, local_rank=0, world_size=world_size, local_world_size=world_size, device=ONE_PROCESS.device)
 
 
 def test_world_size_defaults_to_one():
-    assert launched_world_size() == 1
+    assert Distributed.launched().world_size == 1
     assert validated("--batch_size", "3", "--batch_size_per_gpu", "3").training.batch_size == 3
 
 
@@ -203,6 +213,9 @@ def test_world_size_defaults_to_one():
         (["--lora_alpha_ratio", "0"], "--lora_alpha_ratio must be positive, got 0.0"),
         (["--learning_rate", "0"], "--learning_rate must be positive, got 0.0"),
         (["--save_steps", "-1"], "--save_steps must be >= 0, got -1"),
+        (["--warmup_steps", "-1"], "--warmup_steps must be >= 0, got -1"),
+        (["--save_total_limit", "0"], "--save_total_limit must be at least 1 (leave it out to keep every checkpoint)"),
+        (["--save_total_limit", "-1"], "--save_total_limit must be at least 1"),
         (["--max_length", "0"], "--max_length must be positive, got 0"),
         (["--max_eval_samples", "0"], "--max_eval_samples must be positive, got 0"),
     ],

@@ -156,10 +156,13 @@ def test_resuming_from_a_middle_checkpoint_is_exact(tmp_path):
 def _list_as_rank(rank: int, root, port: int, results) -> None:
     import torch.distributed as dist
 
+    from common.distributed import Distributed
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         view = root / f"view_of_rank_{rank}"  # what each node sees of one checkpoint folder on a shared filesystem
-        results[rank] = checkpoints._files_of_all_ranks(view)
+        distributed = Distributed(rank=rank, local_rank=rank, world_size=2, local_world_size=2, device=torch.device("cpu"))
+        results[rank] = checkpoints._files_of_all_ranks(view, distributed)
     finally:
         dist.destroy_process_group()
 

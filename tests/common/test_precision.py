@@ -117,11 +117,10 @@ def test_local_device_reads_the_local_ranks_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"GPU {index}")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, index))
-    monkeypatch.setenv("LOCAL_RANK", "3")
-    assert local_device() == Device("GPU 3", (7, 3))
+    assert local_device(3) == Device("GPU 3", (7, 3))
     assert local_device(1) == Device("GPU 1", (7, 1))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert local_device() == CPU
+    assert local_device(3) == CPU
 
 
 def test_the_device_is_detected_when_not_given(monkeypatch):
@@ -153,13 +152,14 @@ def test_scripts_turn_bf16_on_with_flash_where_the_recipe_does(script, implies, 
     DocVQA and hateful memes refuse it without --bf16."""
     import importlib
 
+    import common.finetune as finetune
     import common.precision as precision_module
 
     module = importlib.import_module(f"finetune_hf_trainer_{script}")
     monkeypatch.setattr(precision_module, "local_device", lambda local_rank=None: A100)
     monkeypatch.setattr(precision_module, "is_flash_attn_2_available", lambda: True)
     configs = []
-    monkeypatch.setattr(module, "run_finetuning", lambda task, config: configs.append(config))
+    monkeypatch.setattr(finetune, "run_finetuning", lambda task, config, distributed: configs.append(config))
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     argv = ["--output_dir", str(tmp_path / "out"), "--use_flash_attention", "--data_dir", str(data_dir)]
@@ -174,13 +174,14 @@ def test_scripts_turn_bf16_on_with_flash_where_the_recipe_does(script, implies, 
 @pytest.mark.parametrize("flags", [["--bf16"], ["--bf16", "--use_flash_attention"]])
 def test_a_run_checks_the_gpu_before_loading_anything(flags, monkeypatch, tmp_path):
     """On a V100 the script stops while resolving its flags: the run (data, processor, model) never starts."""
+    import common.finetune as finetune
     import common.precision as precision_module
     import finetune_hf_trainer_hateful_memes as script
 
     monkeypatch.setattr(precision_module, "local_device", lambda local_rank=None: V100)
     monkeypatch.setattr(precision_module, "is_flash_attn_2_available", lambda: True)
     started = []
-    monkeypatch.setattr(script, "run_finetuning", lambda task, config: started.append(config))
+    monkeypatch.setattr(finetune, "run_finetuning", lambda task, config, distributed: started.append(config))
     with pytest.raises(UsageError, match="compute capability 7.0"):
         script.main(["--output_dir", str(tmp_path / "out"), *flags])
     assert not started and not (tmp_path / "out").exists()

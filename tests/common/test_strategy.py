@@ -10,18 +10,9 @@ from transformers import AutoProcessor
 from common.collators import Phi3VTrainCollator
 from common.config import LoraSettings
 from common.data import Sample, Turn
+from common.model_loading import build_model, load_model, lora_config, parameter_counts, quantization_config
 from common.precision import NO_GPU, Precision, resolve_precision
-from common.strategy import (
-    LANGUAGE_LORA_TARGETS,
-    STRATEGIES,
-    VISION_LORA_TARGETS,
-    TrainingStrategy,
-    build_model,
-    load_model,
-    lora_config,
-    parameter_counts,
-    quantization_config,
-)
+from common.strategy import LANGUAGE_LORA_TARGETS, STRATEGIES, VISION_LORA_TARGETS, TrainingStrategy
 
 RECIPE_LANGUAGE_TARGETS = ["qkv_proj", "o_proj", "down_proj", "gate_up_proj", "lm_head"]
 RECIPE_VISION_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "img_projection.0", "img_projection.2"]

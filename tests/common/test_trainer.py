@@ -14,8 +14,8 @@ from transformers import AutoProcessor
 from common.arguments import build_parser, resolve_run_config
 from common.collators import Phi3VTrainCollator
 from common.data import Sample, SampleDataset, Turn
-from common.distributed import Distributed
-from common.strategy import build_model
+from common.distributed import ONE_PROCESS, Distributed
+from common.model_loading import build_model
 from common.trainer import FinetuningTrainer, NonFiniteLossError, release_training_state
 from common.training_arguments import training_arguments
 
@@ -37,8 +37,8 @@ def make(tiny_model_dir, tmp_path, *flags: str, distributed: Distributed | None 
         "--lora_rank", "4", "--batch_size", "2", "--batch_size_per_gpu", "2", "--num_crops", "1",
         "--warmup_steps", "0", "--dataloader_num_workers", "0", "--logging_steps", "1", "--no-tqdm",
         *(flag for flag in flags if flag != "--full"),
-    ]), world_size=1)
-    distributed = distributed or Distributed(0, 0, 1, 1, torch.device("cpu"))
+    ]), distributed=ONE_PROCESS)
+    distributed = distributed or ONE_PROCESS
     processor = AutoProcessor.from_pretrained(tiny_model_dir, num_crops=1)
     model = build_model(config.model.name_or_path, config.strategy, config.lora, config.precision, distributed.device)
     train_args = training_arguments(config.training, config.outputs, config.strategy, config.precision, distributed)
@@ -112,7 +112,6 @@ print("released")
 """
 
 
-@pytest.mark.slow
 def test_release_frees_the_deepspeed_engine_and_zero_optimizer(tiny_model_dir):
     """Full finetuning under ZeRO-2 (own process: DeepSpeed starts a process group)."""
     from tests.scripts.e2e import REPO_ROOT, script_env

@@ -15,8 +15,8 @@ from common.training_arguments import _prefetch_factor, training_arguments
 
 def lora_arguments(tmp_path, *flags: str, has_text_only_samples: bool = False, world: int = 1):
     args = build_parser("test").parse_args(["--output_dir", str(tmp_path), "--use_lora", *flags])
-    config = resolve_run_config(args, world_size=world)
     distributed = Distributed(rank=0, local_rank=0, world_size=world, local_world_size=world, device=torch.device("cpu"))
+    config = resolve_run_config(args, distributed=distributed)
     return training_arguments(
         config.training, config.outputs, config.strategy, config.precision, distributed, has_text_only_samples
     )

@@ -43,3 +43,17 @@ def test_verbose_shows_the_libraries(runs):
     _, results = runs
     output = results["verbose"].check().stdout + results["verbose"].stderr
     assert "save_embedding_layers" in output or "Loading weights" in output, output[-4000:]
+
+
+def test_help_prints_no_library_line_first():
+    """A fresh interpreter (not the test launcher, which imported everything already): importing the
+    Trainer's dependencies loads bitsandbytes, whose kernel probe must not print before the usage."""
+    import subprocess
+    import sys
+
+    from tests.scripts.e2e import REPO_ROOT, script_env
+
+    done = subprocess.run([sys.executable, str(SCRIPTS["hateful_memes"]), "--help"], cwd=REPO_ROOT, env=script_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("usage:") and not done.stderr, done.stderr[-3000:]

@@ -1,0 +1,60 @@
+"""What a task script declares — its name, metric, datasets, own flags and flag rules — and loading its data.
+
+A script builds one `Task` and hands it, with its parsed flags, to `common.finetune.run_script`; the run
+itself never knows which task it trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .config import DataConfig
+from .data import SampleDataset, load_conversation_splits
+from .errors import UserError
+from .metrics import Metric
+
+
+@dataclass(frozen=True)
+class Task:
+    """A name for messages, the metric and the (train, eval) datasets, loaded from the run's `DataConfig` and
+    the task's own flags (an instance of `options`, a frozen dataclass whose fields are the flags the script
+    adds; None without). A task whose data only comes in the generic format (--data_dir) has no loader of its
+    own. `flash_attention_implies_bf16`: --use_flash_attention turns --bf16 on, as the recipe's NLVR2 and
+    UCF-101 scripts do (the others refuse flash attention without --bf16)."""
+
+    name: str
+    metric: Metric
+    load_datasets: Callable[[DataConfig, Any], tuple[SampleDataset, SampleDataset]] | None = None
+    options: type | None = None
+    flash_attention_implies_bf16: bool = False
+
+
+def load_datasets(task: Task, data: DataConfig, options: Any = None) -> tuple[SampleDataset, SampleDataset]:
+    # --data_dir (the generic format) works for every task
+    if data.data_dir:
+        train, evaluation = load_conversation_splits(data.data_dir)
+    else:
+        train, evaluation = _load_task_datasets(task, data, options)
+    if data.max_eval_samples is not None:
+        evaluation = evaluation.subset(range(min(data.max_eval_samples, len(evaluation))))
+    for split, dataset in (("training", train), ("evaluation", evaluation)):
+        if len(dataset) == 0:
+            raise UserError(f"the {split} set of {task.name} is empty")
+        if problems := dataset.stored_problems():
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise UserError(f"bad {split} data:\n  " + "\n  ".join(problems[:10]) + more)
+    return train, evaluation
+
+
+def _load_task_datasets(task: Task, data: DataConfig, options: Any) -> tuple[SampleDataset, SampleDataset]:
+    try:
+        return task.load_datasets(data, options)
+    except ConnectionError as error:  # the datasets library's "Couldn't reach ... on the Hub"
+        if data.dataset_path:
+            raise
+        raise UserError(
+            f"{task.name}: cannot download the dataset ({error}); download it where the hub is reachable "
+            "(datasets' save_to_disk, or the parquet files) and pass that folder with --dataset_path"
+        ) from error
