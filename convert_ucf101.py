@@ -65,8 +65,9 @@ from tqdm import tqdm
 # returned reason, never as a UserError.
 if multiprocessing.parent_process() is None:
     from common.cli import main_guard
-    from common.data import Turn, conversation_record
+    from common.data import Turn
     from common.errors import UsageError, UserError
+    from common.formats.generic import conversation_record
 
 HUB_REPO_ID = "sayakpaul/ucf101-subset"
 HUB_FILENAME = "UCF101_subset.tar.gz"

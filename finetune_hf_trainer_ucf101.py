@@ -22,15 +22,17 @@ from common.finetune import run_script
 from common.metrics import ACCURACY_BY_ID
 from common.task import Task
 
-# its data is the generic format (--data_dir, required below); flash attention turns bf16 on, as the recipe's script
+# its data is conversations (common/formats: --data_dir, required below); flash attention turns bf16 on, as the
+# recipe's script
 TASK = Task("UCF-101", ACCURACY_BY_ID, flash_attention_implies_bf16=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = build_parser(__doc__, num_crops=4)
     args = parser.parse_args(argv)
-    if not args.data_dir:
-        parser.error("--data_dir is required: the output folder of convert_ucf101.py")
+    if not (args.data_dir or args.train_file or args.dataset_path):
+        parser.error("--data_dir is required: the output folder of convert_ucf101.py (or other conversation data: "
+                     "--train_file, or a chat-messages --dataset_path)")
     return run_script(TASK, args)
 
 

@@ -88,7 +88,19 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     data.add_argument("--dataset_path", default=None,
                       help="local copy of the task's dataset (save_to_disk folder, parquet or jsonl) instead of the hub")
     data.add_argument("--data_dir", default=None,
-                      help="folder in the generic format: *_train.jsonl, *_val.jsonl and images/ (see README)")
+                      help="folder of conversation files (.json/.jsonl: generic, LLaVA/ShareGPT or chat messages, "
+                           "detected per file); *_val* (else *_eval*, else *_test*) files evaluate (see README)")
+    data.add_argument("--train_file", default=None,
+                      help="one conversation file to train on (generic, LLaVA/ShareGPT or chat messages)")
+    data.add_argument("--eval_file", default=None,
+                      help="one conversation file to evaluate on (with --train_file; default: --eval_size "
+                           "samples of the training file held out)")
+    data.add_argument("--image_folder", default=None,
+                      help="folder that relative image paths of conversation data point into (default: the "
+                           "data file's folder, then its images/)")
+    data.add_argument("--metric", choices=("accuracy", "anls"), default=None,
+                      help="compare the generated last answer with the reference by accuracy or ANLS "
+                           "(default: the task's metric)")
     data.add_argument("--eval_size", type=int, default=500, help="train rows held out for evaluation, where the "
                       "dataset has no evaluation split")
     data.add_argument("--max_eval_samples", type=int, default=None, help="evaluate on at most N samples")
@@ -212,8 +224,7 @@ def _problems(args: argparse.Namespace, processes: int) -> list[str]:
         problems.append("--deepspeed is for full finetuning; LoRA/QLoRA train with DDP")
     if args.merge and not use_lora:
         problems.append("--merge only applies to LoRA/QLoRA runs (full finetuning already saves a full model)")
-    if args.dataset_path and args.data_dir:
-        problems.append("give either --dataset_path (task schema) or --data_dir (generic jsonl format), not both")
+    problems.extend(_data_source_problems(args))
     for flag in ("dataset_path", "data_dir", "deepspeed"):
         path = getattr(args, flag)
         if path and not os.path.exists(path):
@@ -229,6 +240,27 @@ def _problems(args: argparse.Namespace, processes: int) -> list[str]:
         problems.append(f"--output_dir {args.output_dir} is a file, not a folder: give a folder path")
     if problem := _model_path_problem(args.model_name_or_path):
         problems.append(problem)
+    return problems
+
+
+def _data_source_problems(args: argparse.Namespace) -> list[str]:
+    """At most one data source; --eval_file goes with --train_file, --image_folder with custom data."""
+    problems = []
+    given = [flag for flag in ("dataset_path", "data_dir", "train_file") if getattr(args, flag)]
+    if len(given) > 1:
+        problems.append(f"give one data source, not {' and '.join('--' + flag for flag in given)}: --dataset_path "
+                        "(a copy of the task's dataset, or a chat-messages dataset), --data_dir (a folder of "
+                        "conversation files) or --train_file (one conversation file)")
+    if args.eval_file and not args.train_file:
+        problems.append("--eval_file needs --train_file (a --data_dir names its evaluation files *_val*)")
+    if args.image_folder and not given:
+        problems.append("--image_folder applies to custom data: give --data_dir, --train_file or --dataset_path")
+    for flag in ("train_file", "eval_file"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            problems.append(f"--{flag} {path} is not a file")
+    if args.image_folder and not os.path.isdir(args.image_folder):
+        problems.append(f"--image_folder {args.image_folder} is not a folder")
     return problems
 
 

@@ -10,6 +10,8 @@ Token layout, as the recipe's collators build it with the checkpoint's processor
 - evaluation: one chat-templated prompt of the whole conversation up to the last user message (earlier
   answers as assistant messages `{answer}<|end|>\n<|endoftext|>`), encoded in one processor pass with the
   images of all turns; the model fills the image spans in the order they appear.
+A sample's system message (custom data) opens the first turn's prompt as the chat template writes it,
+`<|system|>\n{text}<|end|>\n`, so it is part of a prompt and never learnt.
 """
 
 from __future__ import annotations
@@ -32,11 +34,16 @@ class ConversationEncoder:
     def _template(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    @staticmethod
+    def _opening(sample: Sample) -> list[dict]:
+        return [] if sample.system is None else [{"role": "system", "content": sample.system}]
+
     def encode_training(self, sample: Sample, tokens_per_image: list[int]) -> tuple[list[int], list[int]]:
         input_ids, labels = [], []
         per_turn = split_counts(tokens_per_image, [len(turn.images) for turn in sample.turns])
-        for turn, counts in zip(sample.turns, per_turn, strict=True):
-            prompt = self._template([{"role": "user", "content": sample.user_message(turn)}])
+        for number, (turn, counts) in enumerate(zip(sample.turns, per_turn, strict=True)):
+            opening = self._opening(sample) if number == 0 else []
+            prompt = self._template([*opening, {"role": "user", "content": sample.user_message(turn)}])
             prompt_ids = self.processor.encode_prompt(prompt, counts)
             answer_ids = self.tokenizer(turn.assistant + END_OF_ANSWER, add_special_tokens=False).input_ids
             input_ids += prompt_ids + answer_ids
@@ -44,7 +51,7 @@ class ConversationEncoder:
         return input_ids, labels
 
     def encode_prompt(self, sample: Sample, tokens_per_image: list[int]) -> list[int]:
-        messages = []
+        messages = self._opening(sample)
         for turn in sample.turns[:-1]:
             messages.append({"role": "user", "content": sample.user_message(turn)})
             messages.append({"role": "assistant", "content": turn.assistant + END_OF_ANSWER})

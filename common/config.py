@@ -33,11 +33,14 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset_path: str | None  # the task's hub schema from disk
-    data_dir: str | None  # the generic jsonl format
+    dataset_path: str | None  # the task's hub schema from disk, or a chat-messages dataset
+    data_dir: str | None  # conversation files (generic, LLaVA, chat messages): common/formats
     eval_size: int  # train rows held out where a dataset has no evaluation split
     max_eval_samples: int | None
     seed: int  # data choices (DocVQA's answer pick), the same --seed as training
+    train_file: str | None = None  # one conversation file to train on
+    eval_file: str | None = None  # one conversation file to evaluate on (with train_file)
+    image_folder: str | None = None  # where relative image paths of conversation data point
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class EvaluationConfig:
     skip_before: bool  # no evaluation before training
     dataloader_num_workers: int
     show_progress: bool
+    metric: str | None = None  # "accuracy" or "anls" instead of the task's metric; None: the task's
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,22 @@
-"""Task-independent samples and where they come from: the hub, a local copy, or the generic jsonl format.
+"""Task-independent samples and where they come from: the hub or a local copy of a task's dataset.
 
-Every task turns its rows into `Sample`s: an id, conversation turns (each with its own images, the user's
-text without image tags, and the assistant's answer) and the references the metric compares against.
-`Sample.user_message` writes a turn's message the recipe's way: the turn's own image tags, numbered from 1
-and concatenated, a newline, the text. Images stay unopened (paths, bytes or PIL images) until a data-loader
-worker reads them with `open_image`, which names the sample and the file when one cannot be read.
+Every task turns its rows into `Sample`s: an id, an optional system message, conversation turns (each with
+its own images, the user's text, and the assistant's answer) and the references the metric compares
+against. `Sample.user_message` writes a turn's message the recipe's way: the turn's own image tags, numbered
+from 1 and concatenated, a newline, the text — or, for a turn whose text already holds its tags in place
+(`Turn.tags_in_text`, an image placeholder inside the text of a custom dataset), the text as it is. Images
+stay unopened (paths, bytes or PIL images) until a data-loader worker reads them with `open_image`, which
+names the sample and the file when one cannot be read. Custom conversation files and datasets (generic,
+LLaVA, chat messages) are read by `common/formats/`.
 
 Where the recipe draws at random (DocVQA's accepted answer, the_cauldron's question/answer pair), the draw
 is a function of (seed, epoch, row index): a fresh draw every epoch, the same after a resume. The Trainer
 tells the dataset the epoch through `DrawEpochCallback`.
-
-Generic format (written by convert_ucf101.py, usable for any task) — a folder with `*_train.jsonl`,
-`*_val.jsonl` and `images/`, one sample per line:
-    {"id": "val-0000000300", "source": "ucf101", "conversations": [{"images": ["val/x.0.jpg", ...],
-     "user": "Classify the video ...", "assistant": "BabyCrawling"}, ...]}
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -33,7 +30,6 @@ from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
 from .errors import UserError
-from .phi3v.processing_phi3_v import IMAGE_TAG
 
 
 def image_tags(count: int) -> str:
@@ -46,17 +42,20 @@ class Turn:
     user: str
     assistant: str
     images: list[Any] = field(default_factory=list)  # PIL images, paths, or {"bytes"/"path"} dicts
+    tags_in_text: bool = False  # `user` holds this turn's <|image_k|> tags where its images go
 
 
 @dataclass
 class Sample:
     """`bare_text_turns`: a turn without images is its text alone (the recipe's the_cauldron scripts) rather
-    than the newline-then-text of `phi3v_dataset.py` (the generic format)."""
+    than the newline-then-text of `phi3v_dataset.py` (the generic format). `system`: Phi-3.5's system
+    message, before the first user turn and never learnt (None: none)."""
 
     id: str
     turns: list[Turn]
     references: list[str] = field(default_factory=list)  # defaults to the last answer
     bare_text_turns: bool = False
+    system: str | None = None
 
     def __post_init__(self):
         if not self.turns:
@@ -69,7 +68,7 @@ class Sample:
         return [image for turn in self.turns for image in turn.images]
 
     def user_message(self, turn: Turn) -> str:
-        if not turn.images and self.bare_text_turns:
+        if turn.tags_in_text or (not turn.images and self.bare_text_turns):
             return turn.user
         return f"{image_tags(len(turn.images))}\n{turn.user}"
 
@@ -102,16 +101,19 @@ class SampleDataset(Dataset):
 
     `seed` and the epoch (`set_epoch`) make each row's random draws: `random.Random` seeded with
     (seed, epoch, row index), so they depend on nothing else (data-loader workers, order, resumes).
+    `text_only_rows`: whether some row has no image, where the loader knows it of rows kept on disk (in-memory
+    `Sample` rows are looked at; hub task rows all have images).
     """
 
     def __init__(self, rows: Sequence, to_sample: ToSample, base_dir: Path | None = None, seed: int = 0,
-                 row_indices: Sequence[int] | None = None):
+                 row_indices: Sequence[int] | None = None, text_only_rows: bool = False):
         self.rows = rows
         self.to_sample = to_sample
         self.base_dir = base_dir
         self.seed = seed
         self.epoch = 0
         self.row_indices = list(row_indices) if row_indices is not None else None
+        self.text_only_rows = text_only_rows
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -130,32 +132,18 @@ class SampleDataset(Dataset):
             turn.images = [open_image(image, sample.id, self.base_dir) for image in turn.images]
         return sample
 
-    def stored_problems(self) -> list[str]:
-        """What can be found wrong without decoding: image files that do not exist and `<|image_N|>` tags typed
-        into the text (images are placed by the 'images' lists). Only in-memory samples (the generic jsonl
-        format) are checked; hub and parquet rows embed their images and are checked when encoded."""
-        if not isinstance(self.rows, list):
-            return []
-        problems = []
-        for sample in self.rows:
-            for turn in sample.turns:
-                if IMAGE_TAG.search(turn.user):
-                    problems.append(f"sample {sample.id}: user text contains an <|image_N|> tag; list images in 'images'")
-                for image in turn.images:
-                    if isinstance(image, str) and not (self.base_dir / image).is_file():
-                        problems.append(f"sample {sample.id}: image {self.base_dir / image} does not exist")
-        return problems
-
     def has_text_only_samples(self) -> bool:
-        """Whether some in-memory sample (generic format) has no image; the recipe's hub tasks all have images."""
-        return isinstance(self.rows, list) and any(not sample.images for sample in self.rows)
+        """Whether some sample has no image (custom conversations); the recipe's hub tasks all have images."""
+        if isinstance(self.rows, list) and all(isinstance(row, Sample) for row in self.rows):
+            return any(not sample.images for sample in self.rows)
+        return self.text_only_rows
 
     def subset(self, indices: Sequence[int]) -> SampleDataset:
         """The rows at `indices`; samples keep the ids (and draws) of their original positions."""
         indices = list(indices)
         rows = self.rows.select(indices) if isinstance(self.rows, datasets.Dataset) else [self.rows[i] for i in indices]
         original = [self.row_indices[i] for i in indices] if self.row_indices is not None else indices
-        subset = SampleDataset(rows, self.to_sample, self.base_dir, self.seed, original)
+        subset = SampleDataset(rows, self.to_sample, self.base_dir, self.seed, original, self.text_only_rows)
         subset.epoch = self.epoch
         return subset
 
@@ -222,62 +210,6 @@ def base_dir_of(dataset_path: str | None) -> Path | None:
         return None
     path = Path(dataset_path)
     return path.parent if path.is_file() else path
-
-
-# ---- the generic jsonl format -----------------------------------------------------------------------
-
-
-def read_conversation_jsonl(path: Path) -> list[Sample]:
-    """Samples of one generic-format jsonl file; a UserError names the file and line of a bad record."""
-    samples = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if any(not isinstance(turn.get("images", []), list) for turn in record["conversations"]):
-                    raise ValueError("'images' must be a list of paths")
-                turns = [
-                    Turn(user=str(turn["user"]), assistant=str(turn["assistant"]), images=list(turn.get("images", [])))
-                    for turn in record["conversations"]
-                ]
-                samples.append(Sample(id=str(record.get("id", f"{path.stem}-{number}")), turns=turns))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                raise UserError(f"{path}:{number}: not a valid sample ({error!r})") from error
-    if not samples:
-        raise UserError(f"{path}: no samples")
-    return samples
-
-
-def conversation_record(sample_id: str, source: str, turns: list[Turn]) -> dict:
-    """One line of the generic format, as `read_conversation_jsonl` reads it back (image paths relative to the
-    folder's images/)."""
-    return {
-        "id": sample_id,
-        "source": source,
-        "conversations": [{"images": list(turn.images), "user": turn.user, "assistant": turn.assistant} for turn in turns],
-    }
-
-
-def find_split_file(data_dir: Path, split: str) -> Path:
-    matches = sorted(data_dir.glob(f"*{split}.jsonl"))
-    if len(matches) != 1:
-        raise UserError(f"{data_dir}: expected exactly one *{split}.jsonl file, found {[m.name for m in matches]}")
-    return matches[0]
-
-
-def load_conversation_splits(data_dir: str) -> tuple[SampleDataset, SampleDataset]:
-    """(train, eval) from a generic-format folder: `*_train.jsonl`, `*_val.jsonl`, images under images/."""
-    root = Path(data_dir)
-    train, evaluation = (read_conversation_jsonl(find_split_file(root, split)) for split in ("train", "val"))
-    return (SampleDataset(train, _copy, root / "images"), SampleDataset(evaluation, _copy, root / "images"))
-
-
-def _copy(sample: Sample, index: int, draws: random.Random) -> Sample:
-    # Fresh turn objects: opening images must not mutate the stored (path-holding) sample.
-    return Sample(id=sample.id, turns=[Turn(t.user, t.assistant, list(t.images)) for t in sample.turns],
-                  references=list(sample.references), bare_text_turns=sample.bare_text_turns)
 
 
 # ---- the_cauldron subsets (hateful memes, NLVR2, DocVQA --full_train) ------------------------------------

@@ -53,6 +53,7 @@ def run_script(task: Task, args: argparse.Namespace) -> dict[str, float]:
 def run_finetuning(task: Task, config: RunConfig, distributed: Distributed) -> dict[str, float]:
     """Returns {"before": metric, "after": metric} (before is absent when skipped; {} for --preview_samples).
     SIGTERM/SIGINT stop the run cleanly (common/preemption.py): the process exits with 128 + the signal number."""
+    task = task.scored_by(config.evaluation.metric)
     with StopSignals(distributed) as signals:
         try:
             return _finetune(task, config, signals)

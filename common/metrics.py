@@ -105,3 +105,6 @@ class Metric:
 ACCURACY = Metric("accuracy", accuracy_report)
 ACCURACY_BY_ID = Metric("accuracy", accuracy_by_id_report)
 ANLS = Metric("anls", anls_report)
+
+# --metric: what a custom conversation's generated last answer is compared with the reference by
+METRICS = {"accuracy": ACCURACY_BY_ID, "anls": ANLS}

@@ -27,7 +27,7 @@ RUN_FILE = "run.json"
 
 def run_identity(task_name: str, config: RunConfig) -> dict:
     """What a checkpoint in output_dir must have been made by for an automatic resume to continue it."""
-    data_path = config.data.data_dir or config.data.dataset_path
+    data_path = config.data.data_dir or config.data.train_file or config.data.dataset_path
     return {
         "task": task_name,
         "model": config.model.name_or_path,

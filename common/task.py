@@ -6,23 +6,25 @@ itself never knows which task it trains.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .config import DataConfig
-from .data import SampleDataset, load_conversation_splits
+from .data import SampleDataset
 from .errors import UserError
-from .metrics import Metric
+from .formats import load_conversations
+from .metrics import METRICS, Metric
 
 
 @dataclass(frozen=True)
 class Task:
     """A name for messages, the metric and the (train, eval) datasets, loaded from the run's `DataConfig` and
     the task's own flags (an instance of `options`, a frozen dataclass whose fields are the flags the script
-    adds; None without). A task whose data only comes in the generic format (--data_dir) has no loader of its
-    own. `flash_attention_implies_bf16`: --use_flash_attention turns --bf16 on, as the recipe's NLVR2 and
-    UCF-101 scripts do (the others refuse flash attention without --bf16)."""
+    adds; None without). A task whose data only comes as conversations (common/formats: --data_dir,
+    --train_file) has no loader of its own. `flash_attention_implies_bf16`: --use_flash_attention turns --bf16
+    on, as the recipe's NLVR2 and UCF-101 scripts do (the others refuse flash attention without --bf16)."""
 
     name: str
     metric: Metric
@@ -30,11 +32,21 @@ class Task:
     options: type | None = None
     flash_attention_implies_bf16: bool = False
 
+    def scored_by(self, metric: str | None) -> Task:
+        """The task with --metric's metric instead of its own (None, or its own metric's name: unchanged)."""
+        if metric is None or metric == self.metric.name:
+            return self
+        return dataclasses.replace(self, metric=METRICS[metric])
+
 
 def load_datasets(task: Task, data: DataConfig, options: Any = None) -> tuple[SampleDataset, SampleDataset]:
-    # --data_dir (the generic format) works for every task
-    if data.data_dir:
-        train, evaluation = load_conversation_splits(data.data_dir)
+    """Custom conversations (every task reads them: common/formats, checked in full here) or the task's own."""
+    conversations = load_conversations(data)
+    if conversations is not None:
+        train, evaluation = conversations
+    elif task.load_datasets is None:
+        raise UserError(f"{task.name} trains on conversation data: give --data_dir, --train_file, or a --dataset_path "
+                        "with messages and images columns")
     else:
         train, evaluation = _load_task_datasets(task, data, options)
     if data.max_eval_samples is not None:
@@ -42,9 +54,6 @@ def load_datasets(task: Task, data: DataConfig, options: Any = None) -> tuple[Sa
     for split, dataset in (("training", train), ("evaluation", evaluation)):
         if len(dataset) == 0:
             raise UserError(f"the {split} set of {task.name} is empty")
-        if problems := dataset.stored_problems():
-            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-            raise UserError(f"bad {split} data:\n  " + "\n  ".join(problems[:10]) + more)
     return train, evaluation
 
 

@@ -1,4 +1,5 @@
-"""common/data.py: samples, image opening, the generic jsonl format, local dataset copies and the_cauldron."""
+"""common/data.py: samples, image opening, local dataset copies and the_cauldron (conversation formats:
+tests/common/formats/)."""
 
 import io
 import json
@@ -11,20 +12,19 @@ import torch
 from PIL import Image
 
 from common import data as data_module
+from common.config import DataConfig
 from common.data import (
     DrawEpochCallback,
     Sample,
     SampleDataset,
     Turn,
     base_dir_of,
-    find_split_file,
     first_images,
     load_cauldron_splits,
-    load_conversation_splits,
     load_split,
     open_image,
-    read_conversation_jsonl,
 )
+from common.formats import load_conversations
 
 
 @pytest.fixture(autouse=True)
@@ -136,89 +136,6 @@ def test_corrupt_bytes_are_named_as_embedded():
         open_image({"bytes": b"garbage"}, "s9")
 
 
-# ---- the generic jsonl format -------------------------------------------------------------------------
-
-MULTI_TURN = {
-    "id": "val-0000000300",
-    "source": "ucf101",
-    "conversations": [
-        {"images": ["val/x.0.jpg", "val/x.1.jpg"], "user": "Classify the video.", "assistant": "BabyCrawling"},
-        {"images": ["val/x.2.jpg"], "user": "And this one?", "assistant": "Archery"},
-        {"user": "Sure?", "assistant": "Yes"},
-    ],
-}
-
-
-def test_read_multi_turn_multi_image_lines(tmp_path):
-    path = write_jsonl(tmp_path / "ucf_val.jsonl", [MULTI_TURN, {"conversations": [{"user": "u", "assistant": 7}]}])
-    first, second = read_conversation_jsonl(path)
-    assert first.id == "val-0000000300"
-    assert [t.user for t in first.turns] == ["Classify the video.", "And this one?", "Sure?"]
-    assert [t.assistant for t in first.turns] == ["BabyCrawling", "Archery", "Yes"]
-    assert [t.images for t in first.turns] == [["val/x.0.jpg", "val/x.1.jpg"], ["val/x.2.jpg"], []]
-    assert first.references == ["Yes"]
-    assert second.id == "ucf_val-2"  # file stem and line number when a record has no id
-    assert second.turns[0].assistant == "7"
-
-
-def test_blank_lines_are_skipped(tmp_path):
-    path = tmp_path / "a_train.jsonl"
-    path.write_text("\n" + json.dumps(MULTI_TURN) + "\n\n   \n")
-    assert [s.id for s in read_conversation_jsonl(path)] == ["val-0000000300"]
-
-
-@pytest.mark.parametrize(
-    "bad_line",
-    [
-        "{not json",
-        json.dumps({"id": "x"}),  # no conversations
-        json.dumps({"conversations": [{"user": "u"}]}),  # no answer
-        json.dumps({"conversations": []}),  # no turns
-        json.dumps(["a", "list"]),
-    ],
-)
-def test_bad_line_names_file_and_line(tmp_path, bad_line):
-    path = tmp_path / "d_train.jsonl"
-    path.write_text(json.dumps(MULTI_TURN) + "\n" + json.dumps(MULTI_TURN) + "\n" + bad_line + "\n")
-    with pytest.raises(ValueError, match=rf"{path}:3: not a valid sample"):
-        read_conversation_jsonl(path)
-
-
-def test_images_must_be_a_list(tmp_path):
-    path = write_jsonl(tmp_path / "f_train.jsonl", [{"conversations": [{"images": "x.jpg", "user": "u", "assistant": "a"}]}])
-    with pytest.raises(ValueError, match=rf"{path}:1: not a valid sample"):
-        read_conversation_jsonl(path)
-
-
-def test_empty_file_is_an_error(tmp_path):
-    path = tmp_path / "e_train.jsonl"
-    path.write_text("\n")
-    with pytest.raises(ValueError, match="no samples"):
-        read_conversation_jsonl(path)
-
-
-def test_find_split_file(tmp_path):
-    write_jsonl(tmp_path / "ucf_train.jsonl", [MULTI_TURN])
-    write_jsonl(tmp_path / "ucf_val.jsonl", [MULTI_TURN])
-    assert find_split_file(tmp_path, "train") == tmp_path / "ucf_train.jsonl"
-    assert find_split_file(tmp_path, "val") == tmp_path / "ucf_val.jsonl"
-
-
-def test_find_split_file_without_a_match(tmp_path):
-    write_jsonl(tmp_path / "ucf_train.jsonl", [MULTI_TURN])
-    with pytest.raises(ValueError, match=r"expected exactly one \*val\.jsonl file, found \[\]"):
-        find_split_file(tmp_path, "val")
-
-
-def test_find_split_file_with_two_matches(tmp_path):
-    write_jsonl(tmp_path / "a_train.jsonl", [MULTI_TURN])
-    write_jsonl(tmp_path / "b_train.jsonl", [MULTI_TURN])
-    with pytest.raises(ValueError) as info:
-        find_split_file(tmp_path, "train")
-    assert "exactly one *train.jsonl" in str(info.value)
-    assert "a_train.jsonl" in str(info.value) and "b_train.jsonl" in str(info.value)
-
-
 @pytest.fixture
 def generic_dir(tmp_path) -> Path:
     root = tmp_path / "ucf"
@@ -236,51 +153,9 @@ def generic_dir(tmp_path) -> Path:
     return root
 
 
-def test_load_conversation_splits_opens_images_under_images(generic_dir):
-    train, evaluation = load_conversation_splits(str(generic_dir))
-    assert (len(train), len(evaluation)) == (2, 1)
-    assert train.base_dir == evaluation.base_dir == generic_dir / "images"
-    first = train[0]
-    assert first.id == "train-1"
-    assert [image.size for image in first.images] == [(20, 10), (30, 10)]
-    assert all(isinstance(image, Image.Image) for image in first.images)
-    assert train[1].images == []
-    assert evaluation[0].images[0].size == (40, 10)
-    assert evaluation[0].references == ["Basketball"]
-
-
-def test_reading_an_item_leaves_the_stored_sample_unopened(generic_dir):
-    train, _ = load_conversation_splits(str(generic_dir))
-    train[0]
-    assert train.rows[0].turns[0].images == ["train/t.0.png", "train/t.1.png"]
-    assert train[0].images[0].size == (20, 10)  # and it can be read again
-
-
-def test_a_missing_image_is_reported_when_the_item_is_read(generic_dir):
-    (generic_dir / "images" / "train" / "t.1.png").unlink()
-    train, _ = load_conversation_splits(str(generic_dir))
-    with pytest.raises(ValueError, match=r"sample train-1: cannot read image .*t\.1\.png"):
-        train[0]
-
-
-def test_stored_problems_of_a_clean_folder(generic_dir):
-    train, evaluation = load_conversation_splits(str(generic_dir))
-    assert train.stored_problems() == [] and evaluation.stored_problems() == []
-
-
-def test_stored_problems_name_missing_files_and_typed_tags(generic_dir):
-    (generic_dir / "images" / "train" / "t.1.png").unlink()
-    write_jsonl(generic_dir / "ucf101_val.jsonl", [
-        {"id": "val-9", "conversations": [{"images": ["val/v.0.png"], "user": "<|image_1|>\nWhat?", "assistant": "x"}]},
-    ])
-    train, evaluation = load_conversation_splits(str(generic_dir))
-    assert train.stored_problems() == [f"sample train-1: image {generic_dir / 'images' / 'train' / 't.1.png'} does not exist"]
-    assert evaluation.stored_problems() == ["sample val-9: user text contains an <|image_N|> tag; list images in 'images'"]
-
-
-def test_hub_rows_are_checked_when_encoded_not_up_front():
-    rows = datasets.Dataset.from_dict({"name": ["n0"], "question": ["q"], "answer": ["a"]})
-    assert SampleDataset(rows, _row_sample).stored_problems() == []
+def generic_splits(root: Path):
+    data = DataConfig(dataset_path=None, data_dir=str(root), eval_size=0, max_eval_samples=None, seed=0)
+    return load_conversations(data)
 
 
 # ---- SampleDataset.subset -----------------------------------------------------------------------------
@@ -524,7 +399,7 @@ def test_datasets_pickle_for_spawned_workers(cauldron_copy, generic_dir):
     import pickle
 
     train, evaluation = load_cauldron_splits("nlvr2", str(cauldron_copy), 2, first_pair, first_pair)
-    generic_train, _ = load_conversation_splits(str(generic_dir))
+    generic_train, _ = generic_splits(generic_dir)
     train.set_epoch(3)
     for dataset in (train, evaluation.subset([1]), generic_train.subset([1, 0])):
         restored = pickle.loads(pickle.dumps(dataset))
@@ -533,7 +408,7 @@ def test_datasets_pickle_for_spawned_workers(cauldron_copy, generic_dir):
 
 
 def test_text_only_samples_are_detected_in_the_generic_format(generic_dir, cauldron_copy):
-    train, evaluation = load_conversation_splits(str(generic_dir))
+    train, evaluation = generic_splits(generic_dir)
     assert train.has_text_only_samples() and not evaluation.has_text_only_samples()
     assert not load_cauldron_splits("nlvr2", str(cauldron_copy), 2, first_pair, first_pair)[0].has_text_only_samples()
 

@@ -20,7 +20,7 @@ import pytest
 from transformers import AutoProcessor
 
 from common.config import DataConfig
-from common.data import load_conversation_splits
+from common.formats import load_conversations
 from common.preview import describe, preview_records
 from tests.scripts.e2e import (
     SCRIPTS,
@@ -55,6 +55,12 @@ def scripts():
 
 def data(dataset_path: Path) -> DataConfig:
     return DataConfig(dataset_path=str(dataset_path), data_dir=None, eval_size=2, max_eval_samples=None, seed=SEED)
+
+
+def generic_splits(root: Path):
+    """(train, eval) of a --data_dir folder in the generic format."""
+    return load_conversations(DataConfig(dataset_path=None, data_dir=str(root), eval_size=0, max_eval_samples=None,
+                                         seed=SEED))
 
 
 # ---- the recipe's collators, restated ----------------------------------------------------------------
@@ -220,7 +226,7 @@ def test_ucf101_single_and_multi_turn(processor, tmp_path):
         {"images": [], "user": "Are you sure?", "assistant": "Yes"},
     ]
     root = ucf_folder(tmp_path, {"train": [single, multi], "val": [single, eval_multi]})
-    train, evaluation = load_conversation_splits(str(root))
+    train, evaluation = generic_splits(root)
     records = preview_records(processor, train, evaluation, 2)
 
     def open_all(names):
@@ -251,7 +257,7 @@ def test_ucf101_evaluation_prompt_with_frames_in_later_turns(processor, tmp_path
         {"images": frames("val-b", 1), "user": "And this one?", "assistant": "BabyCrawling"},
     ]
     root = ucf_folder(tmp_path, {"train": [conversation], "val": [conversation]})
-    train, evaluation = load_conversation_splits(str(root))
+    train, evaluation = generic_splits(root)
     (record,) = [r for r in preview_records(processor, train, evaluation, 1) if r["split"] == "eval"]
     sample = evaluation[0]
     counts = processor.image_processor(sample.images)["num_img_tokens"]
@@ -273,7 +279,7 @@ def test_readable_view_collapses_image_spans(tmp_path, tiny_model_dir):
     processor = AutoProcessor.from_pretrained(REAL_PROCESSOR, num_crops=1)
     root = ucf_folder(tmp_path, {"train": [[{"images": frames("a", 2), "user": "Which?", "assistant": "Archery"}]],
                                  "val": [[{"images": frames("b", 1), "user": "Which?", "assistant": "Archery"}]]})
-    train, evaluation = load_conversation_splits(str(root))
+    train, evaluation = generic_splits(root)
     text = describe(processor.tokenizer, preview_records(processor, train, evaluation, 1)[0])
     assert text == (
         "sample train-0000000000 (647 tokens):\n"

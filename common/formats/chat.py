@@ -1,0 +1,73 @@
+"""Chat messages, the transformers / TRL convention: a `.jsonl` (or `.json` list) of, or dataset rows with,
+
+    {"messages": [{"role": "system" | "user" | "assistant",
+                   "content": "text" | [{"type": "image"}, {"type": "text", "text": "What ..."}]}],
+     "images": [path, ...], "id": "optional"}
+
+Each `{"type": "image"}` item is the next of `images`; a content list's text items are joined as written. In
+a dataset, `images` may hold PIL images (an `Image` feature) instead of paths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..data import Sample
+from .conversation import (
+    ASSISTANT,
+    SYSTEM,
+    USER,
+    ConversationFormat,
+    Message,
+    RecordError,
+    ResolveImage,
+    Syntax,
+    build_sample,
+)
+
+SYNTAX = Syntax("messages", '{"type": "image"}')
+
+
+def matches(record: dict) -> bool:
+    return isinstance(record.get("messages"), list)
+
+
+def read(record: dict, default_id: str, resolve: ResolveImage) -> Sample:
+    entries = record.get("messages")
+    if not isinstance(entries, list) or not entries:
+        raise RecordError("'messages' must be a non-empty list of {\"role\", \"content\"} messages")
+    messages = []
+    for number, entry in enumerate(entries):
+        where = f"messages[{number}]"
+        if not isinstance(entry, dict) or entry.get("role") not in (SYSTEM, USER, ASSISTANT):
+            raise RecordError(f"{where} must be {{\"role\": \"system\" | \"user\" | \"assistant\", \"content\": ...}}, "
+                              f"got {entry!r:.100}")
+        messages.append(Message(entry["role"], _pieces(entry.get("content"), where), where))
+    images = record.get("images") or []
+    if not isinstance(images, list):
+        raise RecordError("'images' must be a list")
+    return build_sample(str(record.get("id") or default_id), messages, SYNTAX, [resolve(image) for image in images])
+
+
+def _pieces(content: Any, where: str) -> tuple[str, ...]:
+    """Text or a list of text and image items -> the text split at the image items."""
+    if isinstance(content, str):
+        return (content,)
+    if not isinstance(content, list):
+        raise RecordError(f"{where}: 'content' must be text or a list of {{\"type\": \"text\" | \"image\"}} items")
+    pieces = [""]
+    for item in content:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "image":
+            pieces.append("")
+        elif kind == "text" and isinstance(item.get("text"), str):
+            pieces[-1] += item["text"]
+        else:
+            raise RecordError(f"{where}: content items must be {{\"type\": \"text\", \"text\": ...}} or "
+                              f"{{\"type\": \"image\"}}, got {item!r:.100}")
+    return tuple(pieces)
+
+
+FORMAT = ConversationFormat(
+    "chat messages", '{"messages": [{"role": "user" | "assistant", "content": ...}], "images": [...]}', matches, read
+)

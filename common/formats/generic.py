@@ -1,0 +1,73 @@
+"""The generic format (the recipe's, as convert_ucf101.py writes it): one record per JSON line,
+
+    {"id": "val-0000000300", "system": "optional", "conversations": [{"images": ["val/x.0.jpg", ...],
+     "user": "Classify the video ...", "assistant": "BabyCrawling"}, ...]}
+
+Each turn lists its own images; they lead the turn (`{tags}\\n{text}`) unless the text places them with
+`<|image_1|>`, `<|image_2|>`, ... tags, one per image in order.
+"""
+
+from __future__ import annotations
+
+from ..data import Sample, Turn
+from ..phi3v.processing_phi3_v import IMAGE_TAG
+from .conversation import (
+    ASSISTANT,
+    SYSTEM,
+    USER,
+    ConversationFormat,
+    Message,
+    RecordError,
+    ResolveImage,
+    Syntax,
+    build_sample,
+)
+
+SYNTAX = Syntax("conversations", "<|image_k|>")
+
+
+def matches(record: dict) -> bool:
+    turns = record.get("conversations")
+    return isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "user" in turns[0]
+
+
+def read(record: dict, default_id: str, resolve: ResolveImage) -> Sample:
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise RecordError("'conversations' must be a non-empty list of turns")
+    messages = [] if record.get("system") is None else [Message(SYSTEM, (str(record["system"]),), "system")]
+    for number, turn in enumerate(turns):
+        where = f"conversations[{number}]"
+        if not isinstance(turn, dict) or "user" not in turn or "assistant" not in turn:
+            raise RecordError(f"{where} must be an object with 'user' and 'assistant'")
+        images = turn.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
+            raise RecordError(f"{where}: 'images' must be a list of paths")
+        user = Message(USER, _pieces(str(turn["user"]), where), f"{where}.user", [resolve(image) for image in images])
+        messages += [user, Message(ASSISTANT, (str(turn["assistant"]),), f"{where}.assistant")]
+    return build_sample(str(record.get("id", default_id)), messages, SYNTAX)
+
+
+def conversation_record(sample_id: str, source: str, turns: list[Turn]) -> dict:
+    """One record of the generic format, as `read` reads it back (what convert_ucf101.py writes)."""
+    return {
+        "id": sample_id,
+        "source": source,
+        "conversations": [{"images": list(turn.images), "user": turn.user, "assistant": turn.assistant} for turn in turns],
+    }
+
+
+def _pieces(text: str, where: str) -> tuple[str, ...]:
+    """The text split at its `<|image_k|>` tags, which must be 1, 2, ... in order."""
+    parts = IMAGE_TAG.split(text)
+    numbers = [int(part) for part in parts[1::2]]
+    if numbers != list(range(1, len(numbers) + 1)):
+        tags = ", ".join(f"<|image_{number}|>" for number in numbers)
+        raise RecordError(f"{where}.user: image tags {tags}; they must be <|image_1|>, <|image_2|>, ... in order, "
+                          "one per image of the turn")
+    return tuple(parts[::2])
+
+
+FORMAT = ConversationFormat(
+    "generic", '{"conversations": [{"images": [...], "user": "...", "assistant": "..."}]}', matches, read
+)
