@@ -68,16 +68,13 @@ class ConversationFormat:
 def build_sample(sample_id: str, messages: list[Message], syntax: Syntax, images: list[Any] | None = None) -> Sample:
     """The sample of a conversation; `images`: the record's images in placeholder order (None when every user
     message lists its own)."""
-    system = None
-    if messages and messages[0].role == SYSTEM:
-        system = _plain_text(messages[0], syntax)
-    _check_roles(messages, syntax, first=0 if system is None else 1)
+    first = 1 if messages and messages[0].role == SYSTEM else 0
+    _check_roles(messages, syntax, first)
     if images is not None:
         messages = _images_by_placeholder(messages, images, syntax)
-    start = 0 if system is None else 1
     turns = [_turn(messages[index], _answer(messages[index + 1], syntax), syntax)
-             for index in range(start, len(messages), 2)]
-    return Sample(sample_id, turns, system=system)
+             for index in range(first, len(messages), 2)]
+    return Sample(sample_id, turns, system=messages[0].pieces[0] if first else None)
 
 
 def _check_roles(messages: list[Message], syntax: Syntax, first: int) -> None:
@@ -85,23 +82,25 @@ def _check_roles(messages: list[Message], syntax: Syntax, first: int) -> None:
         raise RecordError(f"{syntax.messages_key}: no {syntax.name(USER)} and {syntax.name(ASSISTANT)} messages")
     if messages[first].role == ASSISTANT:
         raise RecordError(
-            f"{messages[first].where}: the conversation starts with an {syntax.name(ASSISTANT)} message; "
-            f"it must start with a {syntax.name(USER)} message (after an optional {syntax.name(SYSTEM)} message)"
+            f"{messages[first].where}: the conversation starts with an answer ({syntax.name(ASSISTANT)}); it must "
+            f"start with a {syntax.name(USER)} message, after an optional {syntax.name(SYSTEM)} message"
         )
     for index in range(first, len(messages)):
-        expected = USER if (index - first) % 2 == 0 else ASSISTANT
-        if messages[index].role != expected:
+        message, expected = messages[index], USER if (index - first) % 2 == 0 else ASSISTANT
+        if message.role != expected:
             raise RecordError(
-                f"{messages[index].where}: roles out of order: a {syntax.name(messages[index].role)} "
-                f"message where a {syntax.name(expected)} message belongs ({syntax.name(USER)} and "
-                f"{syntax.name(ASSISTANT)} messages alternate, an optional {syntax.name(SYSTEM)} message first)"
+                f"{message.where}: roles out of order: {syntax.name(message.role)!r} where {syntax.name(expected)!r} "
+                f"belongs ({syntax.name(USER)} and {syntax.name(ASSISTANT)} messages alternate, an optional "
+                f"{syntax.name(SYSTEM)} message first)"
             )
     if messages[-1].role != ASSISTANT:
         raise RecordError(f"{messages[-1].where}: the last {syntax.name(USER)} message has no answer")
+    for message in messages[: first] + messages[first + 1 :: 2]:
+        _plain_text(message, syntax)
 
 
 def _answer(message: Message, syntax: Syntax) -> str:
-    answer = _plain_text(message, syntax)
+    answer = message.pieces[0]
     if not answer.strip():
         raise RecordError(f"{message.where}: empty answer (an empty {syntax.name(ASSISTANT)} message)")
     return answer
