@@ -266,10 +266,42 @@ def test_unreadable_deepspeed_config_is_rejected(tmp_path):
 
 def test_dataset_path_and_data_dir_are_exclusive(tmp_path):
     message = problems_of("--dataset_path", str(tmp_path), "--data_dir", str(tmp_path))
-    assert "either --dataset_path" in message
+    assert "give one data source, not --dataset_path and --data_dir" in message
     assert "does not exist" not in message  # both exist: only the one problem
     assert validated("--dataset_path", str(tmp_path)).data.dataset_path == str(tmp_path)
     assert validated("--data_dir", str(tmp_path)).data.data_dir == str(tmp_path)
+
+
+def test_conversation_files_and_their_images(tmp_path):
+    train, evaluation = tmp_path / "train.json", tmp_path / "eval.jsonl"
+    train.write_text("[]")
+    evaluation.write_text("")
+    config = validated("--train_file", str(train), "--eval_file", str(evaluation), "--image_folder", str(tmp_path),
+                       "--metric", "anls")
+    assert (config.data.train_file, config.data.eval_file, config.data.image_folder) == (
+        str(train), str(evaluation), str(tmp_path))
+    assert config.evaluation.metric == "anls" and validated().evaluation.metric is None
+    assert validated("--data_dir", str(tmp_path), "--image_folder", str(tmp_path)).data.image_folder == str(tmp_path)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--train_file", "{train}", "--data_dir", "{dir}"], "give one data source, not --data_dir and --train_file"),
+    (["--eval_file", "{train}"], "--eval_file needs --train_file"),
+    (["--image_folder", "{dir}"], "--image_folder applies to custom data"),
+    (["--train_file", "{dir}"], "--train_file {dir} is not a file"),
+    (["--train_file", "{train}", "--eval_file", "{dir}/nope.json"], "--eval_file {dir}/nope.json is not a file"),
+    (["--data_dir", "{dir}", "--image_folder", "{train}"], "--image_folder {train} is not a folder"),
+])
+def test_conversation_flag_problems(tmp_path, argv, expected):
+    train = tmp_path / "train.json"
+    train.write_text("[]")
+    values = {"train": str(train), "dir": str(tmp_path)}
+    assert expected.format(**values) in problems_of(*(arg.format(**values) for arg in argv))
+
+
+def test_metric_choices():
+    with pytest.raises(SystemExit):
+        parse("--metric", "bleu")
 
 
 def test_missing_dataset_path_is_rejected(tmp_path):

@@ -24,15 +24,15 @@ def write_jsonl(path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
-def tag_in_text(root):
+def tags_without_images(root):
     write_jsonl(root / "colour_train.jsonl", [sample("train-0", ["train-0.png"]),
-                                              sample("train-1", ["train-1.png"], "<|image_1|>\n" + COLOUR_QUESTION)])
-    return [], ["sample train-1", "<|image_N|> tag"]
+                                              sample("train-1", ["train-1.png"], "<|image_1|><|image_2|>\n" + COLOUR_QUESTION)])
+    return [], [f"{root / 'colour_train.jsonl'}:2: conversations[0].user: 2 image tag(s) in the text but 1 image(s)"]
 
 
 def missing_image(root):
     write_jsonl(root / "colour_train.jsonl", [sample("train-0", ["train-0.png"]), sample("train-1", ["gone.png"])])
-    return [], ["sample train-1", str(root / "images" / "gone.png"), "does not exist"]
+    return [], [f"{root / 'colour_train.jsonl'}:2:", str(root / "images" / "gone.png"), "does not exist"]
 
 
 def empty_dataset(root):
@@ -76,7 +76,7 @@ def output_dir_is_a_file(root):
     return ["--output_dir", root / "out.txt"], [f"--output_dir {root / 'out.txt'} is a file, not a folder"]
 
 
-CASES = [tag_in_text, missing_image, empty_dataset, batch_not_divisible, too_many_crops, corrupt_training_image,
+CASES = [tags_without_images, missing_image, empty_dataset, batch_not_divisible, too_many_crops, corrupt_training_image,
          corrupt_evaluation_image, mistyped_model_folder, model_id_not_reachable, output_dir_is_a_file]
 USAGE_ERRORS = {batch_not_divisible, too_many_crops, mistyped_model_folder, output_dir_is_a_file}  # exit status 2
 
