@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.common.formats.same_conversations import write_all
 from tests.scripts.e2e import (
     COLOUR_QUESTION,
     SCRIPTS,
@@ -25,6 +26,7 @@ from tests.scripts.e2e import (
 from tests.scripts.test_bad_input import assert_clean_failure
 
 NUM_EVAL = 2
+REAL_PROCESSOR = Path(__file__).resolve().parents[1] / "fixtures" / "phi35v_processor"
 
 
 def llava_records(count: int) -> list[dict]:
@@ -139,3 +141,20 @@ def test_bad_conversation_data_stops_before_the_model_loads(case, launcher, tiny
     result = launcher.run(SCRIPTS["ucf101"], fast_args(tiny_model_dir, output_dir, *extra), cwd=tmp_path)
     assert_clean_failure(result.returncode, result.stderr, expected, output_dir)
     assert "process(es)" not in result.stdout + result.stderr  # stopped while reading the data
+
+
+def test_preview_samples_of_every_format_are_the_same(launcher, tmp_path):
+    """--preview_samples through the script, with the real tokenizer: the generic folder, the LLaVA folder, the
+    chat file and the chat dataset write the same data_preview.jsonl."""
+    sources = write_all(tmp_path / "data", train=slice(None), evaluation=slice(None))
+    previews = {}
+    for name, values in sources.items():
+        flags = [item for flag, value in values.items() for item in (f"--{flag}", value)]
+        output_dir = tmp_path / name
+        args = ["--model_name_or_path", REAL_PROCESSOR, "--output_dir", output_dir, "--num_crops", "1",
+                "--preview_samples", "6", "--no-tqdm", *flags]
+        launcher.run(SCRIPTS["ucf101"], args).check()
+        previews[name] = (output_dir / "data_preview.jsonl").read_text()
+    assert len(previews["generic"].splitlines()) == 12
+    assert all(preview == previews["generic"] for preview in previews.values()), [
+        name for name, preview in previews.items() if preview != previews["generic"]]
