@@ -13,17 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..data import Sample
-from .conversation import (
-    ASSISTANT,
-    SYSTEM,
-    USER,
-    ConversationFormat,
-    Message,
-    RecordError,
-    ResolveImage,
-    Syntax,
-    build_sample,
-)
+from .conversation import Message, RecordError, ResolveImage, Role, Syntax, build_sample, entries
 
 SYNTAX = Syntax("messages", '{"type": "image"}')
 
@@ -33,13 +23,9 @@ def matches(record: dict) -> bool:
 
 
 def read(record: dict, default_id: str, resolve: ResolveImage) -> Sample:
-    entries = record.get("messages")
-    if not isinstance(entries, list) or not entries:
-        raise RecordError("'messages' must be a non-empty list of {\"role\", \"content\"} messages")
     messages = []
-    for number, entry in enumerate(entries):
-        where = f"messages[{number}]"
-        if not isinstance(entry, dict) or entry.get("role") not in (SYSTEM, USER, ASSISTANT):
+    for where, entry in entries(record, "messages", '{"role", "content"} messages'):
+        if not isinstance(entry, dict) or entry.get("role") not in (Role.SYSTEM, Role.USER, Role.ASSISTANT):
             raise RecordError(f"{where} must be {{\"role\": \"system\" | \"user\" | \"assistant\", \"content\": ...}}, "
                               f"got {entry!r:.100}")
         messages.append(Message(entry["role"], _pieces(entry.get("content"), where), where))
@@ -68,6 +54,5 @@ def _pieces(content: Any, where: str) -> tuple[str, ...]:
     return tuple(pieces)
 
 
-FORMAT = ConversationFormat(
-    "chat messages", '{"messages": [{"role": "user" | "assistant", "content": ...}], "images": [...]}', matches, read
-)
+NAME = "chat messages"  # as error messages and the README call it
+SHAPE = '{"messages": [{"role": "user" | "assistant", "content": ...}], "images": [...]}'  # a record, for the error on a file of no known format

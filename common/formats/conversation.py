@@ -20,7 +20,11 @@ from typing import Any
 from ..data import Sample, Turn
 from ..phi3v.processing_phi3_v import IMAGE_TAG
 
-SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
+
+class Role:
+    """The roles of a conversation's messages, as chat templates name them."""
+
+    SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 
 
 class RecordError(Exception):
@@ -29,7 +33,7 @@ class RecordError(Exception):
 
 @dataclass(frozen=True)
 class Message:
-    role: str  # SYSTEM, USER or ASSISTANT
+    role: str  # Role.SYSTEM, Role.USER or Role.ASSISTANT
     pieces: tuple[str, ...]  # the text split at its image placeholders: one more piece than placeholders
     where: str  # where it is in its record, for error messages: "conversations[2]"
     # Images listed with the turn (the generic format); None: the record's images, taken in placeholder order
@@ -65,10 +69,24 @@ class ConversationFormat:
     read: Callable[[dict, str, ResolveImage], Sample]  # record, its id if it has none -> Sample
 
 
+def first_entry(record: dict, key: str) -> Any:
+    """The first element of the record's list `key` (None if there is none): what format detection looks at."""
+    entries = record.get(key)
+    return entries[0] if isinstance(entries, list) and entries else None
+
+
+def entries(record: dict, key: str, shape: str) -> list[tuple[str, Any]]:
+    """(where, entry) for each element of the record's non-empty list `key` of `shape`s."""
+    values = record.get(key)
+    if not isinstance(values, list) or not values:
+        raise RecordError(f"'{key}' must be a non-empty list of {shape}")
+    return [(f"{key}[{number}]", value) for number, value in enumerate(values)]
+
+
 def build_sample(sample_id: str, messages: list[Message], syntax: Syntax, images: list[Any] | None = None) -> Sample:
     """The sample of a conversation; `images`: the record's images in placeholder order (None when every user
     message lists its own)."""
-    first = 1 if messages and messages[0].role == SYSTEM else 0
+    first = 1 if messages and messages[0].role == Role.SYSTEM else 0
     _check_roles(messages, syntax, first)
     if images is not None:
         messages = _images_by_placeholder(messages, images, syntax)
@@ -79,22 +97,22 @@ def build_sample(sample_id: str, messages: list[Message], syntax: Syntax, images
 
 def _check_roles(messages: list[Message], syntax: Syntax, first: int) -> None:
     if len(messages) <= first:
-        raise RecordError(f"{syntax.messages_key}: no {syntax.name(USER)} and {syntax.name(ASSISTANT)} messages")
-    if messages[first].role == ASSISTANT:
+        raise RecordError(f"{syntax.messages_key}: no {syntax.name(Role.USER)} and {syntax.name(Role.ASSISTANT)} messages")
+    if messages[first].role == Role.ASSISTANT:
         raise RecordError(
-            f"{messages[first].where}: the conversation starts with an answer ({syntax.name(ASSISTANT)}); it must "
-            f"start with a {syntax.name(USER)} message, after an optional {syntax.name(SYSTEM)} message"
+            f"{messages[first].where}: the conversation starts with an answer ({syntax.name(Role.ASSISTANT)}); it must "
+            f"start with a {syntax.name(Role.USER)} message, after an optional {syntax.name(Role.SYSTEM)} message"
         )
     for index in range(first, len(messages)):
-        message, expected = messages[index], USER if (index - first) % 2 == 0 else ASSISTANT
+        message, expected = messages[index], Role.USER if (index - first) % 2 == 0 else Role.ASSISTANT
         if message.role != expected:
             raise RecordError(
                 f"{message.where}: roles out of order: {syntax.name(message.role)!r} where {syntax.name(expected)!r} "
-                f"belongs ({syntax.name(USER)} and {syntax.name(ASSISTANT)} messages alternate, an optional "
-                f"{syntax.name(SYSTEM)} message first)"
+                f"belongs ({syntax.name(Role.USER)} and {syntax.name(Role.ASSISTANT)} messages alternate, an optional "
+                f"{syntax.name(Role.SYSTEM)} message first)"
             )
-    if messages[-1].role != ASSISTANT:
-        raise RecordError(f"{messages[-1].where}: the last {syntax.name(USER)} message has no answer")
+    if messages[-1].role != Role.ASSISTANT:
+        raise RecordError(f"{messages[-1].where}: the last {syntax.name(Role.USER)} message has no answer")
     for message in messages[: first] + messages[first + 1 :: 2]:
         _plain_text(message, syntax)
 
@@ -102,7 +120,7 @@ def _check_roles(messages: list[Message], syntax: Syntax, first: int) -> None:
 def _answer(message: Message, syntax: Syntax) -> str:
     answer = message.pieces[0]
     if not answer.strip():
-        raise RecordError(f"{message.where}: empty answer (an empty {syntax.name(ASSISTANT)} message)")
+        raise RecordError(f"{message.where}: empty answer (an empty {syntax.name(Role.ASSISTANT)} message)")
     return answer
 
 
@@ -110,7 +128,7 @@ def _plain_text(message: Message, syntax: Syntax) -> str:
     if message.placeholders:
         raise RecordError(
             f"{message.where}: an image placeholder {syntax.placeholder} in a "
-            f"{syntax.name(message.role)} message; images belong to {syntax.name(USER)} messages"
+            f"{syntax.name(message.role)} message; images belong to {syntax.name(Role.USER)} messages"
         )
     return message.pieces[0]
 
@@ -119,7 +137,7 @@ def _images_by_placeholder(messages: list[Message], images: list[Any], syntax: S
     placeholders = sum(message.placeholders for message in messages)
     if placeholders != len(images):
         raise RecordError(
-            f"{placeholders} image placeholder(s) {syntax.placeholder} in the {syntax.name(USER)} messages but "
+            f"{placeholders} image placeholder(s) {syntax.placeholder} in the {syntax.name(Role.USER)} messages but "
             f"{len(images)} image(s); every image needs its placeholder, in order"
         )
     placed, first = [], 0

@@ -11,7 +11,7 @@ from .conversation import ConversationFormat, RecordError
 from .images import ImagePaths
 from .records import read_records
 
-FORMATS = (generic.FORMAT, llava.FORMAT, chat.FORMAT)
+FORMATS = tuple(ConversationFormat(module.NAME, module.SHAPE, module.matches, module.read) for module in (generic, llava, chat))
 
 
 def detect_format(record: dict) -> ConversationFormat | None:

@@ -11,40 +11,26 @@ from __future__ import annotations
 
 from ..data import Sample, Turn
 from ..phi3v.processing_phi3_v import IMAGE_TAG
-from .conversation import (
-    ASSISTANT,
-    SYSTEM,
-    USER,
-    ConversationFormat,
-    Message,
-    RecordError,
-    ResolveImage,
-    Syntax,
-    build_sample,
-)
+from .conversation import Message, RecordError, ResolveImage, Role, Syntax, build_sample, entries, first_entry
 
 SYNTAX = Syntax("conversations", "<|image_k|>")
 
 
 def matches(record: dict) -> bool:
-    turns = record.get("conversations")
-    return isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "user" in turns[0]
+    first = first_entry(record, "conversations")
+    return isinstance(first, dict) and "user" in first
 
 
 def read(record: dict, default_id: str, resolve: ResolveImage) -> Sample:
-    turns = record.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise RecordError("'conversations' must be a non-empty list of turns")
-    messages = [] if record.get("system") is None else [Message(SYSTEM, (str(record["system"]),), "system")]
-    for number, turn in enumerate(turns):
-        where = f"conversations[{number}]"
+    messages = [] if record.get("system") is None else [Message(Role.SYSTEM, (str(record["system"]),), "system")]
+    for where, turn in entries(record, "conversations", '{"images", "user", "assistant"} turns'):
         if not isinstance(turn, dict) or "user" not in turn or "assistant" not in turn:
             raise RecordError(f"{where} must be an object with 'user' and 'assistant'")
         images = turn.get("images", [])
         if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
             raise RecordError(f"{where}: 'images' must be a list of paths")
-        user = Message(USER, _pieces(str(turn["user"]), where), f"{where}.user", [resolve(image) for image in images])
-        messages += [user, Message(ASSISTANT, (str(turn["assistant"]),), f"{where}.assistant")]
+        user = Message(Role.USER, _pieces(str(turn["user"]), where), f"{where}.user", [resolve(image) for image in images])
+        messages += [user, Message(Role.ASSISTANT, (str(turn["assistant"]),), f"{where}.assistant")]
     return build_sample(str(record.get("id", default_id)), messages, SYNTAX)
 
 
@@ -68,6 +54,5 @@ def _pieces(text: str, where: str) -> tuple[str, ...]:
     return tuple(parts[::2])
 
 
-FORMAT = ConversationFormat(
-    "generic", '{"conversations": [{"images": [...], "user": "...", "assistant": "..."}]}', matches, read
-)
+NAME = "generic"  # as error messages and the README call it
+SHAPE = '{"conversations": [{"images": [...], "user": "...", "assistant": "..."}]}'  # a record, for the error on a file of no known format

@@ -9,35 +9,21 @@
 from __future__ import annotations
 
 from ..data import Sample
-from .conversation import (
-    ASSISTANT,
-    SYSTEM,
-    USER,
-    ConversationFormat,
-    Message,
-    RecordError,
-    ResolveImage,
-    Syntax,
-    build_sample,
-)
+from .conversation import Message, RecordError, ResolveImage, Role, Syntax, build_sample, entries, first_entry
 
 PLACEHOLDER = "<image>"
-ROLES = {"system": SYSTEM, "human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
-SYNTAX = Syntax("conversations", PLACEHOLDER, {SYSTEM: "system", USER: "human", ASSISTANT: "gpt"})
+ROLES = {"system": Role.SYSTEM, "human": Role.USER, "user": Role.USER, "gpt": Role.ASSISTANT, "assistant": Role.ASSISTANT}
+SYNTAX = Syntax("conversations", PLACEHOLDER, {Role.SYSTEM: "system", Role.USER: "human", Role.ASSISTANT: "gpt"})
 
 
 def matches(record: dict) -> bool:
-    turns = record.get("conversations")
-    return isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "from" in turns[0]
+    first = first_entry(record, "conversations")
+    return isinstance(first, dict) and "from" in first
 
 
 def read(record: dict, default_id: str, resolve: ResolveImage) -> Sample:
-    entries = record.get("conversations")
-    if not isinstance(entries, list) or not entries:
-        raise RecordError("'conversations' must be a non-empty list of {\"from\", \"value\"} messages")
     messages = []
-    for number, entry in enumerate(entries):
-        where = f"conversations[{number}]"
+    for where, entry in entries(record, "conversations", '{"from", "value"} messages'):
         if not isinstance(entry, dict) or entry.get("from") not in ROLES or not isinstance(entry.get("value"), str):
             raise RecordError(f"{where} must be {{\"from\": \"human\" | \"gpt\" | \"system\", \"value\": text}}, "
                               f"got {entry!r:.100}")
@@ -49,6 +35,5 @@ def read(record: dict, default_id: str, resolve: ResolveImage) -> Sample:
     return build_sample(str(record.get("id", default_id)), messages, SYNTAX, [resolve(image) for image in images])
 
 
-FORMAT = ConversationFormat(
-    "LLaVA/ShareGPT", '{"image": ..., "conversations": [{"from": "human" | "gpt", "value": "..."}]}', matches, read
-)
+NAME = "LLaVA/ShareGPT"  # as error messages and the README call it
+SHAPE = '{"image": ..., "conversations": [{"from": "human" | "gpt", "value": "..."}]}'  # a record, for the error on a file of no known format
