@@ -3,7 +3,7 @@
 Every report has the recipe's keys: `answers_unique` (references), `generated_texts_unique` (predictions)
 and the score under the metric's name, in the value types the recipe's scripts write:
 - accuracy (hateful memes, NLVR2): flat lists of normalised strings;
-- accuracy by id (UCF-101 and the generic format's evaluation): lists of `{"id", "answer"}` and
+- accuracy by id (UCF-101, and custom conversations with --metric accuracy): lists of `{"id", "answer"}` and
   `{"id", "generated_text"}`, normalised;
 - ANLS (DocVQA): the reference answer lists as given and the predictions stripped of whitespace and
   periods; plus `anls_case_insensitive`, the DocVQA challenge's figure.
