@@ -1,5 +1,6 @@
-"""Which files (or dataset splits) evaluate, by name: `*_val*` (or `validation`), else `*_eval*`, else
-`*_test*`; the others train. Words of a name are its runs of letters and digits."""
+"""Which files are data, and which of them (or of a dataset's splits) evaluate, by name: `*_val*` (or
+`validation`), else `*_eval*`, else `*_test*`; the others train. Words of a name are its runs of letters
+and digits."""
 
 from __future__ import annotations
 
@@ -8,6 +9,13 @@ from pathlib import Path
 
 _EVALUATION_WORDS = (r"val|valid|validation", r"eval|evaluation", r"test|testing")  # in order of preference
 _PATTERNS = [re.compile(rf"^(?:{words})\d*$") for words in _EVALUATION_WORDS]
+
+
+def data_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The folder's files with these suffixes, sorted; hidden files (a tool's bookkeeping, such as
+    convert_ucf101.py's `.convert_ucf101.frames.jsonl`) are not data."""
+    return sorted(path for path in folder.iterdir()
+                  if path.is_file() and path.suffix in suffixes and not path.name.startswith("."))
 
 
 def evaluation_rank(name: str) -> int | None:

@@ -18,7 +18,7 @@ from ..config import DataConfig
 from ..data import Sample, SampleDataset
 from ..errors import UserError
 from .files import read_conversation_file
-from .naming import split_by_name
+from .naming import data_files, split_by_name
 from .tables import is_messages_dataset, load_messages_dataset
 
 CONVERSATION_SUFFIXES = (".json", ".jsonl")
@@ -47,7 +47,7 @@ def load_conversations(data: DataConfig) -> tuple[SampleDataset, SampleDataset] 
 
 
 def data_dir_files(root: Path) -> tuple[list[Path], list[Path]]:
-    files = sorted(path for path in root.iterdir() if path.is_file() and path.suffix in CONVERSATION_SUFFIXES)
+    files = data_files(root, CONVERSATION_SUFFIXES)
     if not files:
         raise UserError(f"--data_dir {root}: no .json or .jsonl files")
     train, evaluation = split_by_name(files)

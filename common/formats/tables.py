@@ -22,7 +22,7 @@ from ..errors import UserError
 from . import chat
 from .conversation import RecordError
 from .images import ImagePaths
-from .naming import evaluation_rank, split_by_name
+from .naming import data_files, evaluation_rank, split_by_name
 
 
 def is_messages_dataset(path: Path) -> bool:
@@ -34,7 +34,7 @@ def is_messages_dataset(path: Path) -> bool:
         elif (path / "state.json").is_file():
             columns = json.loads((path / "dataset_info.json").read_text())["features"]
         else:
-            files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
+            files = [path] if path.is_file() else data_files(path, (".parquet",))
             columns = pq.read_schema(files[0]).names if files and files[0].suffix == ".parquet" else []
     except (OSError, KeyError, IndexError, json.JSONDecodeError, pa.ArrowInvalid):
         return False  # not a readable copy of this kind: the task's own loader says what is wrong
@@ -53,7 +53,7 @@ def load_messages_dataset(path: Path, image_folder: Path | None) -> tuple[Sample
     elif (path / "state.json").is_file():
         parts = {"train": datasets.load_from_disk(str(path)), "evaluation": None}
     else:
-        files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
+        files = [path] if path.is_file() else data_files(path, (".parquet",))
         train_files, eval_files = split_by_name(files)
         if not train_files:
             raise UserError(f"--dataset_path {path}: no training parquet file among {[f.name for f in files]}")

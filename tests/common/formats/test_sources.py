@@ -59,6 +59,7 @@ def test_a_data_dir_mixes_formats_and_files(tmp_path):
     write_jsonl(tmp_path / "three_val.jsonl", CHAT[4:])
     write_jsonl(tmp_path / "three_test.jsonl", [{"not": "read"}])  # a validation file wins: test files unused
     (tmp_path / "notes.txt").write_text("not data")
+    write_jsonl(tmp_path / ".tool.state.jsonl", [{"frames": 8}])  # hidden: a tool's bookkeeping, not data
     train, evaluation = load_conversations(config(data_dir=str(tmp_path)))
     assert ids(train) == ["single", "several", "later", "text"] and ids(evaluation) == ["system", "inline"]
 
