@@ -227,8 +227,9 @@ def base_dir_of(dataset_path: str | None) -> Path | None:
 # ---- the generic jsonl format -----------------------------------------------------------------------
 
 
-def read_conversation_jsonl(path: Path) -> list[Sample]:
-    """Samples of one generic-format jsonl file; a UserError names the file and line of a bad record."""
+def read_conversation_jsonl(path: Path, last_answer_optional: bool = False) -> list[Sample]:
+    """Samples of one generic-format jsonl file; a UserError names the file and line of a bad record.
+    `last_answer_optional`: the last turn may lack its "assistant" answer (questions to answer, not to learn)."""
     samples = []
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -240,7 +241,7 @@ def read_conversation_jsonl(path: Path) -> list[Sample]:
                     raise ValueError("'images' must be a list of paths")
                 turns = [
                     Turn(user=str(turn["user"]), assistant=str(turn["assistant"]), images=list(turn.get("images", [])))
-                    for turn in record["conversations"]
+                    for turn in _with_last_answer(record["conversations"], last_answer_optional)
                 ]
                 samples.append(Sample(id=str(record.get("id", f"{path.stem}-{number}")), turns=turns))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
@@ -260,6 +261,12 @@ def conversation_record(sample_id: str, source: str, turns: list[Turn]) -> dict:
     }
 
 
+def _with_last_answer(conversations: list[dict], optional: bool) -> list[dict]:
+    if not optional or not conversations or "assistant" in conversations[-1]:
+        return conversations
+    return [*conversations[:-1], {**conversations[-1], "assistant": ""}]
+
+
 def find_split_file(data_dir: Path, split: str) -> Path:
     matches = sorted(data_dir.glob(f"*{split}.jsonl"))
     if len(matches) != 1:
@@ -270,8 +277,13 @@ def find_split_file(data_dir: Path, split: str) -> Path:
 def load_conversation_splits(data_dir: str) -> tuple[SampleDataset, SampleDataset]:
     """(train, eval) from a generic-format folder: `*_train.jsonl`, `*_val.jsonl`, images under images/."""
     root = Path(data_dir)
-    train, evaluation = (read_conversation_jsonl(find_split_file(root, split)) for split in ("train", "val"))
-    return (SampleDataset(train, _copy, root / "images"), SampleDataset(evaluation, _copy, root / "images"))
+    train, evaluation = (conversation_dataset(find_split_file(root, split), root / "images") for split in ("train", "val"))
+    return train, evaluation
+
+
+def conversation_dataset(path: Path, image_dir: Path, last_answer_optional: bool = False) -> SampleDataset:
+    """One generic-format jsonl file as a dataset; relative image paths are read from `image_dir`."""
+    return SampleDataset(read_conversation_jsonl(path, last_answer_optional), _copy, image_dir)
 
 
 def _copy(sample: Sample, index: int, draws: random.Random) -> Sample:
