@@ -20,7 +20,14 @@ from common.cli import main_guard
 from common.distributed import start_distributed
 from common.errors import UsageError
 from common.inference import (
-    answer, file_dataset, join_process_group, load_for_inference, locate_model, prompt_dataset, score, write_answers,
+    answer,
+    file_dataset,
+    join_process_group,
+    load_for_inference,
+    locate_model,
+    prompt_dataset,
+    score,
+    write_answers,
 )
 from common.logging_setup import quiet_libraries, setup_logging
 from common.metrics import ACCURACY, ANLS
