@@ -23,8 +23,11 @@ from tests.scripts.e2e import (
     colour_image,
     colour_task,
     fast_args,
+    finish,
+    free_port,
     read_eval,
     tensors,
+    torchrun,
     write_generic,
 )
 from tests.scripts.test_resume import command_of, printed_resume_command, wait_for_text
@@ -63,11 +66,15 @@ def evaluations(state: dict) -> dict[int, float]:
 def runs(launcher, tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("watch")
     colours, red = colour_task(root / "colours", num_train=8, num_val=4), all_red(root / "red")
+    def colour_run(name, *extra):
+        return SCRIPT, fast_args(tiny_model_dir, root / name, "--data_dir", colours, "--skip_eval_before",
+                                 "--max_steps", "8", *extra)
+
     jobs = {
         # 8 samples in steps of 2: epochs end at steps 4 and 8; by steps: 3 and 6
-        "schedule": (SCRIPT, fast_args(tiny_model_dir, root / "schedule", "--data_dir", colours, "--skip_eval_before",
-                                       "--max_steps", "8", "--eval_steps", "3", "--eval_every_epoch",
-                                       "--eval_during_training_samples", "3", "--report_to", "tensorboard")),
+        "schedule": colour_run("schedule", "--eval_steps", "3", "--eval_every_epoch",
+                               "--eval_during_training_samples", "3", "--report_to", "tensorboard"),
+        "unwatched": colour_run("unwatched"),
         "best": (SCRIPT, rigged_args(tiny_model_dir, root / "best", red, "--save_steps", "2", "--save_total_limit", "1")),
         "lora": (SCRIPT, fast_args(tiny_model_dir, root / "lora", "--data_dir", red, "--skip_eval_before",
                                    "--max_steps", "4", "--eval_steps", "2", "--keep_best", *STRATEGIES["lora"])),
@@ -96,6 +103,10 @@ def test_the_metric_is_evaluated_at_the_expected_steps(runs):
     scalars = events.Scalars("eval/accuracy")
     assert [event.step for event in scalars] == steps
     assert [event.value for event in scalars] == pytest.approx(list(evaluations(state).values()))
+    # evaluating changes nothing in training
+    results["unwatched"].check()
+    watched, unwatched = tensors(output_dir / "model.safetensors"), tensors(root / "unwatched" / "model.safetensors")
+    assert all(torch.equal(watched[key], unwatched[key]) for key in unwatched)
 
 
 def test_keep_best_keeps_and_exports_the_best_checkpoint_and_early_stopping_stops(runs):
@@ -158,3 +169,18 @@ def test_sigterm_and_resume_end_as_the_uninterrupted_run(resumed):
     expected, actual = tensors(root / "best" / "model.safetensors"), tensors(root / "stopped" / "model.safetensors")
     assert all(torch.allclose(expected[key], actual[key], atol=1e-6) for key in expected)
     assert read_eval(root / "stopped", "after") == read_eval(root / "best", "after")
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_rank_evaluates_its_shard_and_the_best_adapter_is_kept(tiny_model_dir, runs, tmp_path):
+    _, red, _ = runs
+    output_dir = tmp_path / "out"
+    args = fast_args(tiny_model_dir, output_dir, "--data_dir", red, "--skip_eval_before", "--max_steps", "4",
+                     "--batch_size_per_gpu", "1", "--eval_steps", "2", "--keep_best", *STRATEGIES["lora"])
+    result = finish(torchrun(SCRIPT, args, "--nproc_per_node=2", f"--master_port={free_port()}", cwd=tmp_path)).check()
+    state = history(output_dir)
+    assert list(evaluations(state)) == [2, 4]
+    assert len([line for line in result.stdout.splitlines() if line.startswith("BEST ACCURACY")]) == 1  # rank 0
+    best = output_dir / f"checkpoint-{state['best_global_step']}"
+    final, kept = tensors(output_dir / "adapter_model.safetensors"), tensors(best / "adapter_model.safetensors")
+    assert all(torch.equal(final[key], kept[key]) for key in kept)
