@@ -16,6 +16,7 @@ an evaluated step is written after that evaluation, so a resumed run neither rep
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -105,6 +106,7 @@ class BestCheckpointCallback(TrainerCallback):
             control.should_training_stop = True
 
 
+MODEL_CONFIG = "config.json"
 # What a checkpoint holds besides the model and its processor: the state that resumes training.
 _TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "latest", "zero_to_fp32.py",
                    COMPLETE_FILE)
@@ -116,5 +118,9 @@ def export_checkpoint_model(checkpoint: Path, output_dir: Path) -> None:
     for path in sorted(Path(checkpoint).iterdir()):
         if path.is_file() and path.name not in _TRAINING_STATE and not path.name.startswith("rng_state"):
             temporary = output_dir / f"{path.name}.tmp"
-            shutil.copyfile(path, temporary)
+            if path.name == MODEL_CONFIG:  # written while training ran without the KV cache; the model generates with it
+                config = {**json.loads(path.read_text()), "use_cache": True}
+                temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            else:
+                shutil.copyfile(path, temporary)
             temporary.replace(output_dir / path.name)

@@ -126,6 +126,7 @@ def test_keep_best_keeps_and_exports_the_best_checkpoint_and_early_stopping_stop
     assert any(not torch.equal(final[key], last[key]) for key in last)
     assert read_eval(output_dir, "after")["accuracy"] == 1.0  # the evaluation after training scores the best
     assert not (output_dir / "optimizer.pt").exists() and (output_dir / "preprocessor_config.json").is_file()
+    assert json.loads((output_dir / "config.json").read_text())["use_cache"]  # the saved model generates with a cache
 
 
 def test_keep_best_exports_the_best_adapter(runs):
