@@ -101,8 +101,8 @@ class BestCheckpointCallback(TrainerCallback):
         patience = self.config.early_stopping_patience
         since_best = [s for s in evaluated_steps(state.log_history, self.key) if s > state.best_global_step]
         if patience is not None and len(since_best) >= patience:
-            logger.info("early stopping at step %d: %s has not improved in %d evaluations since step %d",
-                        step, self.metric_name, len(since_best), state.best_global_step)
+            logger.info("early stopping at step %d: %s has not improved since step %d (--early_stopping_patience %d)",
+                        step, self.metric_name, state.best_global_step, patience)
             control.should_training_stop = True
 
 

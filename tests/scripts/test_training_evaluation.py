@@ -115,7 +115,7 @@ def test_keep_best_keeps_and_exports_the_best_checkpoint_and_early_stopping_stop
     state = history(output_dir)
     assert evaluations(state) == {2: 1.0, 4: 0.0, 6: 0.0, 8: 0.0}  # the rig held: best early, destroyed later
     assert state["global_step"] == 8  # three evaluations without improvement: stopped at 8 of 16
-    assert "early stopping at step 8: accuracy has not improved in 3 evaluations since step 2" in result.stdout
+    assert "early stopping at step 8: accuracy has not improved since step 2 (--early_stopping_patience 3)" in result.stdout
     assert state["best_global_step"] == 2 and state["best_metric"] == 1.0
     # --save_total_limit 1 keeps the newest checkpoint, and the best one beyond the count
     assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-8"]
