@@ -19,7 +19,7 @@ import torch
 from transformers import set_seed
 
 from .arguments import resolve_run_config
-from .checkpoints import newest_complete_checkpoint
+from .checkpoints import newest_complete_checkpoint, why_incomplete
 from .config import EvaluationConfig, OutputConfig, RunConfig
 from .distributed import Distributed
 from .errors import UserError
@@ -191,6 +191,9 @@ def _best_checkpoint(trainer: FinetuningTrainer, config: RunConfig, metric: Metr
         logger.warning("--keep_best: no evaluation during training ran; the final model is the last step's")
         return None
     best = Path(config.outputs.output_dir) / f"checkpoint-{state.best_global_step}"
+    if (reason := why_incomplete(best)) is not None:
+        raise UserError(f"--keep_best: the best checkpoint {best} cannot be exported ({reason}); the last step's "
+                        "weights are in the newest checkpoint")
     logger.info("best %s during training: %.4f at step %d of %d; the final model is %s", metric.name,
                 state.best_metric, state.best_global_step, state.global_step, best)
     if trainer.args.should_save:
