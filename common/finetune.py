@@ -192,8 +192,8 @@ def _best_checkpoint(trainer: FinetuningTrainer, config: RunConfig, metric: Metr
         return None
     best = Path(config.outputs.output_dir) / f"checkpoint-{state.best_global_step}"
     if (reason := why_incomplete(best)) is not None:
-        raise UserError(f"--keep_best: the best checkpoint {best} cannot be exported ({reason}); the last step's "
-                        "weights are in the newest checkpoint")
+        raise UserError(f"--keep_best: the best checkpoint {best} cannot be exported ({reason}): it was deleted "
+                        "or damaged after training wrote it")
     logger.info("best %s during training: %.4f at step %d of %d; the final model is %s", metric.name,
                 state.best_metric, state.best_global_step, state.global_step, best)
     if trainer.args.should_save:
