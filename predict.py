@@ -17,19 +17,18 @@ import logging
 from pathlib import Path
 
 from common.cli import main_guard
-from common.distributed import start_distributed
+from common.distributed import Distributed
 from common.errors import UsageError
 from common.inference import (
     answer,
     file_dataset,
-    join_process_group,
     load_for_inference,
     locate_model,
     prompt_dataset,
     score,
     write_answers,
 )
-from common.logging_setup import quiet_libraries, setup_logging
+from common.logging_setup import setup_logging
 from common.metrics import ACCURACY, ANLS
 from common.precision import resolve_precision
 
@@ -76,14 +75,13 @@ def main(argv: list[str] | None = None):
     args = build_parser().parse_args(argv)
     if problems := usage_problems(args):
         raise UsageError("invalid arguments:\n  " + "\n  ".join(problems))
-    quiet_libraries(args.verbose)
-    precision = resolve_precision(args.bf16, args.use_flash_attention)
+    distributed = Distributed.launched()
+    setup_logging(distributed, args.verbose)
+    precision = resolve_precision(args.bf16, args.use_flash_attention, local_rank=distributed.local_rank)
     source = locate_model(args.model, args.base_model)
     dataset = prompt_dataset(args.prompt, args.image) if args.prompt is not None else file_dataset(
         args.data_file, args.image_dir)
-    distributed = start_distributed(uses_deepspeed=False)
-    join_process_group(distributed)
-    setup_logging(distributed, args.verbose)
+    distributed = distributed.started(uses_deepspeed=False).joined()
     logger.info("model: %s, %d prompt(s) on %d process(es), %s", source.describe(), len(dataset),
                 distributed.world_size, precision.describe())
     processor, model = load_for_inference(source, precision, distributed.device, args.num_crops)

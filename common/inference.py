@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from transformers import AutoProcessor
 
 from .checkpoints import checkpoint_folders
@@ -25,8 +24,8 @@ from .distributed import Distributed
 from .errors import UserError
 from .evaluation import generate_predictions
 from .metrics import Metric
+from .model_loading import load_model
 from .precision import Precision
-from .strategy import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -129,14 +128,6 @@ def file_dataset(path: str, image_dir: str | None = None) -> SampleDataset:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise UserError(f"bad samples in {path}:\n  " + "\n  ".join(problems[:10]) + more)
     return dataset
-
-
-def join_process_group(distributed: Distributed) -> None:
-    """Under torchrun the ranks gather their answers: a GPU run has no process group until one is started
-    (CPU runs get theirs from start_distributed)."""
-    if distributed.world_size > 1 and not dist.is_initialized():
-        torch.cuda.set_device(distributed.device)
-        dist.init_process_group("nccl", device_id=distributed.device)
 
 
 @dataclass(frozen=True)
