@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import (
+    DEFAULT_DURING_TRAINING_SAMPLES,
     RESUME_LATEST,
     DataConfig,
     EvaluationConfig,
@@ -25,6 +26,7 @@ from .config import (
     OutputConfig,
     RunConfig,
     TrainingConfig,
+    TrainingEvaluationConfig,
 )
 from .distributed import Distributed
 from .errors import UsageError
@@ -111,6 +113,17 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     data.add_argument("--preview_samples", type=int, default=None, metavar="N",
                       help="write the first N training samples and evaluation prompts as token ids to "
                            "OUTPUT_DIR/data_preview.jsonl, show the first, and exit (no model weights loaded)")
+    watch = parser.add_argument_group("evaluation during training (the task metric)")
+    watch.add_argument("--eval_steps", type=int, default=0, metavar="N",
+                       help="evaluate the task metric every N optimizer steps (0: not by steps)")
+    watch.add_argument("--eval_every_epoch", action="store_true", help="evaluate the task metric after every epoch")
+    watch.add_argument("--eval_during_training_samples", type=int, default=None, metavar="K",
+                       help="evaluate during training on the first K evaluation samples "
+                            f"(default: all, at most {DEFAULT_DURING_TRAINING_SAMPLES})")
+    watch.add_argument("--keep_best", action="store_true",
+                       help="keep the checkpoint with the best task metric; it becomes the final model")
+    watch.add_argument("--early_stopping_patience", type=int, default=None, metavar="P",
+                       help="stop after P evaluations during training without improvement")
     data.add_argument("--merge", action="store_true",
                       help="after LoRA training, also write a merged standalone checkpoint to output_dir/merged")
     parser.set_defaults(**defaults)
@@ -156,6 +169,10 @@ def resolve_run_config(
         task_options=_from_flags(task.options, args) if task and task.options else None,
         verbose=args.verbose,
         preview_samples=args.preview_samples,
+        during_training=TrainingEvaluationConfig(
+            args.eval_steps, args.eval_every_epoch, args.eval_during_training_samples, args.keep_best,
+            args.early_stopping_patience,
+        ),
     )
 
 
@@ -219,6 +236,7 @@ def _problems(args: argparse.Namespace, processes: int) -> list[str]:
             problems.append(f"--{flag} must be positive, got {getattr(args, flag)}")
     if args.eval_batch_size is not None and args.eval_batch_size < 1:
         problems.append(f"--eval_batch_size must be at least 1, got {args.eval_batch_size}")
+    problems += _training_evaluation_problems(args)
     use_lora = args.use_lora or args.use_qlora
     if use_lora and args.deepspeed:
         problems.append("--deepspeed is for full finetuning; LoRA/QLoRA train with DDP")
@@ -261,6 +279,21 @@ def _data_source_problems(args: argparse.Namespace) -> list[str]:
             problems.append(f"--{flag} {path} is not a file")
     if args.image_folder and not os.path.isdir(args.image_folder):
         problems.append(f"--image_folder {args.image_folder} is not a folder")
+    return problems
+
+
+def _training_evaluation_problems(args: argparse.Namespace) -> list[str]:
+    problems = []
+    if args.eval_steps < 0:
+        problems.append(f"--eval_steps must be >= 0, got {args.eval_steps}")
+    for flag in ("eval_during_training_samples", "early_stopping_patience"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            problems.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    evaluates = args.eval_steps > 0 or args.eval_every_epoch
+    for flag, given in (("keep_best", args.keep_best), ("early_stopping_patience", args.early_stopping_patience),
+                        ("eval_during_training_samples", args.eval_during_training_samples)):
+        if given is not None and given is not False and not evaluates:
+            problems.append(f"--{flag} needs evaluations during training: add --eval_steps N or --eval_every_epoch")
     return problems
 
 

@@ -139,15 +139,15 @@ def remove_checkpoint(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def rotate_checkpoints(output_dir: Path, keep: int | None, newest: Path) -> None:
-    """Keep `keep` complete checkpoints (always `newest`, the one just written): delete the oldest others,
-    and the incomplete leftovers (of killed saves or deletions) older than `newest`."""
+def rotate_checkpoints(output_dir: Path, keep: int | None, newest: Path, best: Path | None = None) -> None:
+    """Keep `keep` complete checkpoints (always `newest`, the one just written, and `best`, beyond the count):
+    delete the oldest others, and the incomplete leftovers (of killed saves or deletions) older than `newest`."""
     if not keep or keep < 1:
         return
     newest_step = checkpoint_step(newest)
     complete = []
     for folder in checkpoint_folders(output_dir):
-        if folder == Path(newest):
+        if folder in (Path(newest), best and Path(best)):
             continue
         if why_incomplete(folder) is None:
             complete.append(folder)
@@ -198,7 +198,8 @@ class ResumableTrainer(Trainer):
         files = _files_of_all_ranks(folder, self.distributed)  # after every rank has written its part (optimizer shards, RNG state)
         if self.args.should_save:
             mark_complete(folder, files)
-            rotate_checkpoints(folder.parent, self.keep_checkpoints, folder)
+            best = self.state.best_model_checkpoint  # the best score's (common/training_evaluation.py)
+            rotate_checkpoints(folder.parent, self.keep_checkpoints, folder, Path(best) if best else None)
             logger.info("checkpoint %s is complete", folder)
 
     def _run_epoch(self, *args, **kwargs):

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # annotations only: this module imports nothing at run time
     from .strategy import TrainingStrategy
 
 RESUME_LATEST = "latest"  # --resume_from_checkpoint without a path: the newest checkpoint in output_dir
+DEFAULT_DURING_TRAINING_SAMPLES = 200  # evaluations during training stay a small share of the run's time
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,21 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class TrainingEvaluationConfig:
+    """The task metric while training runs (common/training_evaluation.py)."""
+
+    eval_steps: int = 0  # evaluate every N optimizer steps (0: not by steps)
+    every_epoch: bool = False  # evaluate at the end of every epoch
+    samples: int | None = None  # the first K evaluation samples (None: all, capped)
+    keep_best: bool = False  # the best-scoring checkpoint is kept and becomes the final model
+    early_stopping_patience: int | None = None  # stop after P evaluations without improvement
+
+    @property
+    def enabled(self) -> bool:
+        return self.eval_steps > 0 or self.every_epoch
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     output_dir: str
     save_steps: int  # 0: no intermediate checkpoints
@@ -93,3 +109,4 @@ class RunConfig:
     task_options: object | None = None  # the task's own flags, as the frozen dataclass its Task declares
     verbose: bool = False  # show the libraries' log lines and warnings too
     preview_samples: int | None = None  # --preview_samples N: write the first N samples' tokens, then stop
+    during_training: TrainingEvaluationConfig = TrainingEvaluationConfig()  # --eval_steps, --keep_best, ...

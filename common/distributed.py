@@ -61,6 +61,14 @@ class Distributed:
             _cpu_process_state(uses_deepspeed)
         return dataclasses.replace(self, accelerate_state_configured=configured)
 
+    def joined(self) -> Distributed:
+        """For work without the Trainer (predict.py): under torchrun, join the ranks' process group, which a GPU run
+        otherwise gets from the Trainer's arguments (`started` gives CPU runs theirs)."""
+        if self.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+            torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl", device_id=self.device)
+        return self
+
     @property
     def _in_process_group(self) -> bool:
         return self.world_size > 1 and dist.is_available() and dist.is_initialized()

@@ -59,21 +59,29 @@ def generate_predictions(
     return sorted(gathered, key=lambda record: record["index"])
 
 
+def evaluation_report(
+    model, processor, dataset: SampleDataset, metric: Metric, evaluation: EvaluationConfig, distributed: Distributed,
+    show_progress: bool | None = None,
+) -> dict:
+    """Generate and score, on every rank: the metric's report (the headline score is `report[metric.name]`)."""
+    records = generate_predictions(
+        model, processor, dataset, evaluation.batch_size, evaluation.max_new_tokens, evaluation.dataloader_num_workers,
+        evaluation.show_progress if show_progress is None else show_progress, distributed,
+    )
+    return metric.report(
+        [record["id"] for record in records],
+        [record["prediction"] for record in records],
+        [record["references"] for record in records],
+    )
+
+
 def evaluate(
     model, processor, dataset: SampleDataset, metric: Metric, save_path: Path, evaluation: EvaluationConfig,
     distributed: Distributed,
 ) -> dict:
     """Generate, score and (rank 0) write `save_path` in the recipe's layout for the metric; every rank gets
     the report (the headline score is `report[metric.name]`)."""
-    records = generate_predictions(
-        model, processor, dataset, evaluation.batch_size, evaluation.max_new_tokens,
-        evaluation.dataloader_num_workers, evaluation.show_progress, distributed,
-    )
-    report = metric.report(
-        [record["id"] for record in records],
-        [record["prediction"] for record in records],
-        [record["references"] for record in records],
-    )
+    report = evaluation_report(model, processor, dataset, metric, evaluation, distributed)
     if distributed.is_main:
         save_path.parent.mkdir(parents=True, exist_ok=True)
         temporary = save_path.with_suffix(".json.tmp")

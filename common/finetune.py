@@ -19,12 +19,13 @@ import torch
 from transformers import set_seed
 
 from .arguments import resolve_run_config
-from .checkpoints import newest_complete_checkpoint
+from .checkpoints import newest_complete_checkpoint, why_incomplete
 from .config import EvaluationConfig, OutputConfig, RunConfig
 from .distributed import Distributed
 from .errors import UserError
 from .evaluation import evaluate
 from .logging_setup import setup_logging
+from .metrics import Metric
 from .model_loading import load_model, load_processor_and_model
 from .plotting import plot_training_curves
 from .preemption import Interrupted, PreemptionCallback, StopSignals, report_and_exit, resume_command
@@ -38,8 +39,14 @@ from .run_directory import (
     run_identity,
 )
 from .task import Task, load_datasets
-from .trainer import make_trainer, release_training_state
+from .trainer import FinetuningTrainer, make_trainer, release_training_state
 from .training_arguments import training_arguments
+from .training_evaluation import (
+    BestCheckpointCallback,
+    TaskEvaluation,
+    during_training_subset,
+    export_checkpoint_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +120,10 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
         written.append(RUN_FILE)
         record_run(output_dir, identity, distributed)
         signals.activity = "the set-up of training"
+        watch, task_evaluation = _evaluation_during_training(config, task, processor, eval_dataset, distributed)
         trainer = make_trainer(model, processor, train_args, train_dataset, config.training.max_length,
-                               keep_checkpoints=outputs.save_total_limit, callbacks=[preemption],
-                               distributed=distributed)
+                               keep_checkpoints=outputs.save_total_limit, callbacks=[preemption, *watch],
+                               distributed=distributed, task_evaluation=task_evaluation)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except UserError:
         discard_unresumable_outputs(output_dir, created_output_dir, written, distributed)
@@ -129,8 +137,14 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
         )
     signals.activity = "the final save"
     model.config.use_cache = True  # switched off for training only; saved checkpoints generate with a cache
-    trainer.save_model()
-    logger.info("%s saved to %s", "LoRA adapter" if strategy.lora else "model", output_dir)
+    best = _best_checkpoint(trainer, config, task.metric)
+    if best is None:
+        trainer.save_model()
+    elif distributed.is_main:
+        export_checkpoint_model(best, output_dir)
+    logger.info("%s saved to %s%s", "LoRA adapter" if strategy.lora else "model", output_dir,
+                f" (the best, {best.name})" if best else "")
+    trainer.save_state()  # trainer_state.json: the run's log history (loss, learning rate, eval_<metric>) and best
     if distributed.is_main:
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
         logger.info("training curves: %s", output_dir / "training_curves.png")
@@ -138,12 +152,13 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
 
     model = release_training_state(trainer)
     del trainer
-    if strategy.lora:
-        # Reload the saved adapter onto a fresh base, as users load it; free the trained copy first.
+    if strategy.lora or best is not None:
+        # Reload the saved model (the adapter onto a fresh base), as users load it; free the trained copy first.
         del model
         gc.collect()
         torch.cuda.empty_cache()
-        model = load_model(config.model.name_or_path, precision, distributed.device, adapter_path=outputs.output_dir)
+        model = (load_model(config.model.name_or_path, precision, distributed.device, adapter_path=outputs.output_dir)
+                 if strategy.lora else load_model(outputs.output_dir, precision, distributed.device))
     signals.activity = "the evaluation after training"
     with precision.autocast(distributed.device):
         results["after"] = _evaluate_and_report(
@@ -152,6 +167,40 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
     if outputs.merge and distributed.is_main:
         _write_merged(model, processor, output_dir)
     return results
+
+
+def _evaluation_during_training(config: RunConfig, task: Task, processor, eval_dataset, distributed: Distributed):
+    """(callbacks, task_evaluation) of --eval_steps / --eval_every_epoch; none without them."""
+    during = config.during_training
+    if not during.enabled:
+        return [], None
+    subset = during_training_subset(eval_dataset, during)
+    logger.info("evaluating %s during training on %d samples%s%s", task.metric.name, len(subset),
+                f", every {during.eval_steps} steps" if during.eval_steps else "",
+                ", after every epoch" if during.every_epoch else "")
+    evaluation = TaskEvaluation(processor, subset, task.metric, config.evaluation, config.precision, distributed)
+    return [BestCheckpointCallback(during, task.metric, len(subset))], evaluation
+
+
+def _best_checkpoint(trainer: FinetuningTrainer, config: RunConfig, metric: Metric) -> Path | None:
+    """--keep_best: the checkpoint with the best score during training, which becomes the final model (None
+    without --keep_best, or when nothing was evaluated: the final model is then the last step's)."""
+    if not config.during_training.keep_best:
+        return None
+    state = trainer.state
+    if state.best_global_step is None:
+        logger.warning("--keep_best: no evaluation during training ran; the final model is the last step's")
+        return None
+    best = Path(config.outputs.output_dir) / f"checkpoint-{state.best_global_step}"
+    if (reason := why_incomplete(best)) is not None:
+        raise UserError(f"--keep_best: the best checkpoint {best} cannot be exported ({reason}): it was deleted "
+                        "or damaged after training wrote it")
+    logger.info("best %s during training: %.4f at step %d of %d; the final model is %s", metric.name,
+                state.best_metric, state.best_global_step, state.global_step, best)
+    if trainer.args.should_save:
+        print(f"BEST {metric.name.upper()} during training: {state.best_metric:.4f} at step {state.best_global_step}",
+              flush=True)
+    return best
 
 
 def _evaluation_before(

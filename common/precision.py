@@ -121,7 +121,7 @@ def resolve_precision(
         _check_flash_attention(device, bf16, flash_attn_installed)
     attn = "flash_attention_2" if use_flash_attention else "sdpa"
     if not device.has_cuda:
-        logger.warning("No CUDA GPU found: training in fp32 on CPU (--bf16 / fp16 mixed precision need a GPU).")
+        logger.warning("No CUDA GPU found: running in fp32 on CPU (--bf16 / fp16 mixed precision need a GPU).")
         return Precision(torch.float32, bf16=False, fp16=False, attn_implementation=attn, compute_dtype=torch.float32)
     if bf16 and not device.is_ampere_or_newer:
         raise UsageError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import math
+from collections.abc import Callable
 
 import torch
 from transformers import Trainer, TrainingArguments
@@ -30,6 +31,21 @@ class NonFiniteLossError(UserError):
 
 
 class FinetuningTrainer(ResumableTrainer):
+    """`task_evaluation`: model -> {"eval_<metric>": score}, what `evaluate` runs when a callback asks for an
+    evaluation during training (common/training_evaluation.py); the Trainer's loss evaluation is never used."""
+
+    def __init__(self, *args, task_evaluation: Callable[[torch.nn.Module], dict[str, float]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.task_evaluation = task_evaluation
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        if self.task_evaluation is None:
+            raise RuntimeError("evaluation during training needs FinetuningTrainer(task_evaluation=...)")
+        metrics = self.task_evaluation(self.model)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
@@ -52,8 +68,8 @@ class FinetuningTrainer(ResumableTrainer):
 
 
 def make_trainer(model, processor, train_args: TrainingArguments, dataset, max_length: int | None,
-                 keep_checkpoints: int | None = None, callbacks=(),
-                 distributed: Distributed = ONE_PROCESS) -> FinetuningTrainer:
+                 keep_checkpoints: int | None = None, callbacks=(), distributed: Distributed = ONE_PROCESS,
+                 task_evaluation: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> FinetuningTrainer:
     """The Trainer of a run and of the benchmark's workers, with the recipe's collator; the dataset draws anew
     every epoch."""
     return FinetuningTrainer(
@@ -65,6 +81,7 @@ def make_trainer(model, processor, train_args: TrainingArguments, dataset, max_l
         callbacks=[DrawEpochCallback(dataset), *callbacks],
         keep_checkpoints=keep_checkpoints,
         distributed=distributed,
+        task_evaluation=task_evaluation,
     )
 
 

@@ -22,7 +22,7 @@ def matches(record: dict) -> bool:
     return isinstance(record.get("messages"), list)
 
 
-def read(record: dict, default_id: str, resolve: ResolveImage) -> Sample:
+def read(record: dict, default_id: str, resolve: ResolveImage, answered: bool = True) -> Sample:
     messages = []
     for where, entry in entries(record, "messages", '{"role", "content"} messages'):
         if not isinstance(entry, dict) or entry.get("role") not in (Role.SYSTEM, Role.USER, Role.ASSISTANT):
@@ -32,7 +32,8 @@ def read(record: dict, default_id: str, resolve: ResolveImage) -> Sample:
     images = record.get("images") or []
     if not isinstance(images, list):
         raise RecordError("'images' must be a list")
-    return build_sample(str(record.get("id") or default_id), messages, SYNTAX, [resolve(image) for image in images])
+    return build_sample(str(record.get("id") or default_id), messages, SYNTAX, [resolve(image) for image in images],
+                        answered)
 
 
 def _pieces(content: Any, where: str) -> tuple[str, ...]:

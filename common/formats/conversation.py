@@ -66,7 +66,8 @@ class ConversationFormat:
     name: str  # as error messages and the README call it
     shape: str  # what a record looks like, for the error on a file of no known format
     matches: Callable[[dict], bool]  # whether a record is in this format (from its keys alone)
-    read: Callable[[dict, str, ResolveImage], Sample]  # record, its id if it has none -> Sample
+    # record, its id if it has none, image resolver, answered (False: the last question may lack its answer)
+    read: Callable[[dict, str, ResolveImage, bool], Sample]
 
 
 def first_entry(record: dict, key: str) -> Any:
@@ -83,14 +84,20 @@ def entries(record: dict, key: str, shape: str) -> list[tuple[str, Any]]:
     return [(f"{key}[{number}]", value) for number, value in enumerate(values)]
 
 
-def build_sample(sample_id: str, messages: list[Message], syntax: Syntax, images: list[Any] | None = None) -> Sample:
+def build_sample(sample_id: str, messages: list[Message], syntax: Syntax, images: list[Any] | None = None,
+                 answered: bool = True) -> Sample:
     """The sample of a conversation; `images`: the record's images in placeholder order (None when every user
-    message lists its own)."""
+    message lists its own). `answered=False` (questions to predict): the last user message may be unanswered;
+    its turn's answer is then empty."""
     first = 1 if messages and messages[0].role == Role.SYSTEM else 0
+    question = not answered and len(messages) > first and messages[-1].role == Role.USER
+    if question:
+        messages = [*messages, Message(Role.ASSISTANT, ("",), messages[-1].where)]
     _check_roles(messages, syntax, first)
     if images is not None:
         messages = _images_by_placeholder(messages, images, syntax)
-    turns = [_turn(messages[index], _answer(messages[index + 1], syntax), syntax)
+    last = len(messages) - 2
+    turns = [_turn(messages[index], "" if question and index == last else _answer(messages[index + 1], syntax), syntax)
              for index in range(first, len(messages), 2)]
     return Sample(sample_id, turns, system=messages[0].pieces[0] if first else None)
 

@@ -18,9 +18,10 @@ def detect_format(record: dict) -> ConversationFormat | None:
     return next((candidate for candidate in FORMATS if candidate.matches(record)), None)
 
 
-def read_conversation_file(path: Path, image_folder: Path | None = None) -> list[Sample]:
+def read_conversation_file(path: Path, image_folder: Path | None = None, answered: bool = True) -> list[Sample]:
     """Every record of the file as a Sample, images resolved (`ImagePaths`) and checked to exist; a UserError
-    names the file and line of the first bad record."""
+    names the file and line of the first bad record. `answered=False`: questions to predict, whose last user
+    message may lack its answer."""
     resolve = ImagePaths(path.parent, image_folder)
     samples, found = [], None
     for line, record in read_records(path):
@@ -30,7 +31,7 @@ def read_conversation_file(path: Path, image_folder: Path | None = None) -> list
             raise UserError(f"{path}:{line}: unknown format, a record with keys {sorted(record)}; expected one of "
                             f"{expected}")
         try:
-            samples.append(found.read(record, f"{path.stem}-{line}", resolve))
+            samples.append(found.read(record, f"{path.stem}-{line}", resolve, answered))
         except RecordError as error:
             raise UserError(f"{path}:{line}: {error} (read as {found.name}, the format of the file's first record)") from error
     if not samples:

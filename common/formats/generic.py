@@ -21,17 +21,21 @@ def matches(record: dict) -> bool:
     return isinstance(first, dict) and "user" in first
 
 
-def read(record: dict, default_id: str, resolve: ResolveImage) -> Sample:
+def read(record: dict, default_id: str, resolve: ResolveImage, answered: bool = True) -> Sample:
     messages = [] if record.get("system") is None else [Message(Role.SYSTEM, (str(record["system"]),), "system")]
-    for where, turn in entries(record, "conversations", '{"images", "user", "assistant"} turns'):
-        if not isinstance(turn, dict) or "user" not in turn or "assistant" not in turn:
+    turns = entries(record, "conversations", '{"images", "user", "assistant"} turns')
+    for number, (where, turn) in enumerate(turns, start=1):
+        question = not answered and number == len(turns) and isinstance(turn, dict) and "assistant" not in turn
+        if not isinstance(turn, dict) or "user" not in turn or ("assistant" not in turn and not question):
             raise RecordError(f"{where} must be an object with 'user' and 'assistant'")
         images = turn.get("images", [])
         if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
             raise RecordError(f"{where}: 'images' must be a list of paths")
         user = Message(Role.USER, _pieces(str(turn["user"]), where), f"{where}.user", [resolve(image) for image in images])
-        messages += [user, Message(Role.ASSISTANT, (str(turn["assistant"]),), f"{where}.assistant")]
-    return build_sample(str(record.get("id", default_id)), messages, SYNTAX)
+        messages.append(user)
+        if not question:
+            messages.append(Message(Role.ASSISTANT, (str(turn["assistant"]),), f"{where}.assistant"))
+    return build_sample(str(record.get("id", default_id)), messages, SYNTAX, answered=answered)
 
 
 def conversation_record(sample_id: str, source: str, turns: list[Turn]) -> dict:

@@ -21,7 +21,7 @@ def matches(record: dict) -> bool:
     return isinstance(first, dict) and "from" in first
 
 
-def read(record: dict, default_id: str, resolve: ResolveImage) -> Sample:
+def read(record: dict, default_id: str, resolve: ResolveImage, answered: bool = True) -> Sample:
     messages = []
     for where, entry in entries(record, "conversations", '{"from", "value"} messages'):
         if not isinstance(entry, dict) or entry.get("from") not in ROLES or not isinstance(entry.get("value"), str):
@@ -32,7 +32,8 @@ def read(record: dict, default_id: str, resolve: ResolveImage) -> Sample:
     images = [] if images is None else [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
         raise RecordError("'image' must be a path or a list of paths")
-    return build_sample(str(record.get("id", default_id)), messages, SYNTAX, [resolve(image) for image in images])
+    return build_sample(str(record.get("id", default_id)), messages, SYNTAX, [resolve(image) for image in images],
+                        answered)
 
 
 NAME = "LLaVA/ShareGPT"  # as error messages and the README call it

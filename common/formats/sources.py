@@ -69,10 +69,11 @@ def hold_out(train: SampleDataset, eval_size: int, source: str) -> tuple[SampleD
 
 def _in_memory(files: list[Path], image_folder: Path | None) -> SampleDataset:
     return SampleDataset([sample for path in files for sample in read_conversation_file(path, image_folder)],
-                         _fresh_copy)
+                         fresh_copy)
 
 
-def _fresh_copy(sample: Sample, index: int, draws: random.Random) -> Sample:
+def fresh_copy(sample: Sample, index: int, draws: random.Random) -> Sample:
+    """A stored sample as a dataset item (`SampleDataset`'s to_sample for samples read from files)."""
     # New turn objects: opening the images must leave the stored (path-holding) sample as it is.
     turns = [dataclasses.replace(turn, images=list(turn.images)) for turn in sample.turns]
     return dataclasses.replace(sample, turns=turns, references=list(sample.references))

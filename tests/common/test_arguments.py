@@ -340,3 +340,35 @@ def test_flash_attention_problems_are_listed_with_the_others(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     message = problems_of("--use_flash_attention", "--bf16", "--num_crops", "0")
     assert "--use_flash_attention needs a CUDA GPU" in message and "--num_crops" in message
+
+
+# ---- evaluation during training -----------------------------------------------------------------------
+
+
+def test_evaluation_during_training_is_off_by_default():
+    during = validated().during_training
+    assert not during.enabled and not during.keep_best and during.early_stopping_patience is None
+
+
+def test_evaluation_during_training_flags_resolve():
+    during = validated("--eval_steps", "50", "--eval_every_epoch", "--eval_during_training_samples", "64",
+                       "--keep_best", "--early_stopping_patience", "3").during_training
+    assert (during.eval_steps, during.every_epoch, during.samples, during.keep_best, during.early_stopping_patience) \
+        == (50, True, 64, True, 3)
+    assert during.enabled
+
+
+@pytest.mark.parametrize("flag", [["--keep_best"], ["--early_stopping_patience", "2"],
+                                  ["--eval_during_training_samples", "8"]])
+def test_what_needs_evaluations_during_training_says_so(flag):
+    assert f"{flag[0]} needs evaluations during training: add --eval_steps N or --eval_every_epoch" in \
+        problems_of(*flag)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--eval_steps", "-1"], "--eval_steps must be >= 0, got -1"),
+    (["--eval_steps", "5", "--eval_during_training_samples", "0"], "--eval_during_training_samples must be at least 1"),
+    (["--eval_every_epoch", "--early_stopping_patience", "0"], "--early_stopping_patience must be at least 1, got 0"),
+])
+def test_evaluation_during_training_values_are_checked(argv, expected):
+    assert expected in problems_of(*argv)

@@ -101,6 +101,15 @@ def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
     assert len(list(tmp_path.iterdir())) == 3
 
 
+def test_rotation_never_deletes_the_best_checkpoint(tmp_path):
+    best = write_checkpoint(tmp_path, 1)
+    for step in (2, 3):
+        write_checkpoint(tmp_path, step)
+    newest = write_checkpoint(tmp_path, 4)
+    rotate_checkpoints(tmp_path, 2, newest, best)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-3", "checkpoint-4"]
+
+
 def test_the_trainer_marks_its_checkpoints_and_keeps_the_newest(tmp_path):
     trainer = regression_trainer(tmp_path, max_steps=6, save_steps=2, keep=2)
     trainer.train()

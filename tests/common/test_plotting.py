@@ -61,3 +61,21 @@ def test_nothing_logged_returns_none_and_writes_nothing(tmp_path, history):
     path = tmp_path / "training_curves.png"
     assert plot_training_curves(history, path) is None
     assert not path.exists()
+
+
+def test_the_task_metric_logged_during_training_gets_its_own_panel(tmp_path, monkeypatch):
+    figures = []
+    real_subplots = plt.subplots
+    monkeypatch.setattr(plotting_module.plt, "subplots",
+                        lambda *a, **k: figures.append(real_subplots(*a, **k)[0]) or (figures[-1], figures[-1].axes))
+    history = [*LOG_HISTORY[:2], {"eval_anls": 0.25, "epoch": 0.2, "step": 20}, LOG_HISTORY[3],
+               {"eval_anls": 0.5, "epoch": 0.3, "step": 30}]
+    path = plot_training_curves(history, tmp_path / "training_curves.png")
+    with Image.open(path) as image:
+        assert image.size == (1500, 400)
+    (figure,) = figures
+    metric_axis = figure.axes[2]
+    assert metric_axis.get_title() == "task metric (evaluation)"
+    (line,) = metric_axis.get_lines()
+    assert list(line.get_xdata()) == [20, 30] and list(line.get_ydata()) == [0.25, 0.5]
+    assert line.get_label() == "anls"
