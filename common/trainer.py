@@ -22,6 +22,7 @@ from .collators import Phi3VTrainCollator
 from .data import DrawEpochCallback
 from .distributed import ONE_PROCESS, Distributed
 from .errors import UserError
+from .phi3v.loss import samples_in_batch
 
 DEEPSPEED_MODULE_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check")
 
@@ -52,6 +53,18 @@ class FinetuningTrainer(ResumableTrainer):
         if model.training and not torch.isfinite(loss.detach()).all():
             raise NonFiniteLossError(self._non_finite_message(loss.detach().float().sum().item()))
         return result
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """The step's samples on all processes, the divisor of the model's loss: each sample then weighs the same
+        in the step (its mean token loss), as in the recipe's one-sample micro-batches, whatever the micro-batch
+        size, gradient accumulation, packing or number of processes. (transformers counts label tokens here.)"""
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        count = sum(samples_in_batch(batch["labels"], batch.get("position_ids")) for batch in batch_samples)
+        count = torch.tensor(count, device=device)
+        if self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
 
     def _non_finite_message(self, value: float) -> str:
         step = self.state.global_step + 1

@@ -17,10 +17,12 @@ import torch
 from torch import nn
 from transformers import CLIPVisionModel
 from transformers.generation import GenerationMixin
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
 
 from .configuration_phi3_v import Phi3VConfig
+from .loss import full_loss, learnt_loss
+from .rotary import PerSampleRotaryEmbedding
 
 
 class Phi3VVisionTower(nn.Module):
@@ -132,6 +134,8 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
         if isinstance(module, Phi3VImageEmbedding):
             nn.init.zeros_(module.glb_GN)
             nn.init.zeros_(module.sub_GN)
+        if isinstance(module, PerSampleRotaryEmbedding):
+            module.init_long_inv_freq()
 
 
 class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
@@ -140,6 +144,7 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
     def __init__(self, config: Phi3VConfig):
         super().__init__(config)
         self.vision_embed_tokens = Phi3VImageEmbedding(config)
+        self.rotary_emb = PerSampleRotaryEmbedding(config)  # LongRoPE factors per sample, not per batch
         self.post_init()
 
     def merge_image_features(
@@ -208,6 +213,8 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
     ) -> BaseModelOutputWithPast:
         if input_ids is not None and inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
+        if kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = _positions_from_mask(kwargs.get("attention_mask"), kwargs.get("cache"), inputs_embeds)
         return super().forward(inputs_embeds=inputs_embeds, **kwargs)
 
     @property
@@ -231,6 +238,17 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         clip = self.vision_embed_tokens.img_processor.vision_model
         del clip.encoder.layers[self.unused_vision_layers.start :]
         clip.post_layernorm = nn.Identity()
+
+
+def _positions_from_mask(attention_mask, cache, inputs_embeds: torch.Tensor) -> torch.Tensor | None:
+    """Each row's own positions in a padded batch without a cache (training, a forward without `generate`):
+    real tokens count from 0 whatever the padding side, so the rotary scaling sees every sample's own length.
+    None (transformers' default) otherwise."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] != inputs_embeds.shape[1]:
+        return None
+    if cache is not None and cache.get_seq_length() > 0:
+        return None
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
@@ -267,6 +285,13 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         """
         # The explicit signature matters: `generate` derives position_ids from the attention mask (left
         # padding) only for models whose forward names `position_ids`.
+        if labels is not None:
+            return self._forward_with_loss(
+                labels, kwargs.pop("num_items_in_batch", None),
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                inputs_embeds=inputs_embeds, use_cache=use_cache, pixel_values=pixel_values, image_sizes=image_sizes,
+                **kwargs,
+            )
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -279,6 +304,18 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             image_sizes=image_sizes,
             **kwargs,
         )
+
+    def _forward_with_loss(self, labels: torch.Tensor, num_samples, **inputs) -> CausalLMOutputWithPast:
+        """The recipe's loss (common/phi3v/loss.py), `num_samples` being the Trainer's `num_items_in_batch`.
+        In training the head runs only where a token is learnt and `logits` is None."""
+        position_ids = inputs["position_ids"]
+        if not self.training:
+            output = super().forward(**inputs)
+            output.loss = full_loss(output.logits, labels, position_ids, num_samples)
+            return output
+        outputs = self.model(**{name: value for name, value in inputs.items() if name != "logits_to_keep"})
+        loss = learnt_loss(outputs.last_hidden_state, self.lm_head, labels, position_ids, num_samples)
+        return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         # The original keeps the KV cache when generation crosses `original_max_position_embeddings`;
