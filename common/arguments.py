@@ -30,6 +30,7 @@ from .config import (
 )
 from .distributed import Distributed
 from .errors import UsageError
+from .packing import DEFAULT_MAX_PACKED_TOKENS
 from .precision import resolve_precision
 from .strategy import TrainingStrategy
 
@@ -70,6 +71,11 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     train.add_argument("--warmup_steps", type=int, default=50, help="linear warm-up steps")
     train.add_argument("--max_length", type=int, default=None,
                        help="refuse samples longer than this many tokens (images included) with a clear error")
+    train.add_argument("--packing", action="store_true",
+                       help="padding-free micro-batches: samples concatenated into rows, each attending only to itself")
+    train.add_argument("--max_packed_tokens", type=int, default=None,
+                       help=f"tokens per packed row with --packing (default {DEFAULT_MAX_PACKED_TOKENS}; a longer "
+                            "sample takes a row alone)")
     train.add_argument("--seed", type=int, default=42, help="random seed (data order, LoRA init)")
     train.add_argument("--save_steps", type=int, default=0,
                        help="save a resumable checkpoint every N optimizer steps (0: no intermediate checkpoints)")
@@ -156,7 +162,8 @@ def resolve_run_config(
         lora=LoraSettings(args.lora_rank, args.lora_alpha_ratio, args.lora_dropout),
         data=_from_flags(DataConfig, args),
         training=_from_flags(
-            TrainingConfig, args, weight_decay=args.wd, deepspeed_config=deepspeed, show_progress=args.tqdm
+            TrainingConfig, args, weight_decay=args.wd, deepspeed_config=deepspeed, show_progress=args.tqdm,
+            max_packed_tokens=args.max_packed_tokens or DEFAULT_MAX_PACKED_TOKENS,
         ),
         evaluation=_from_flags(
             EvaluationConfig,
@@ -231,7 +238,9 @@ def _problems(args: argparse.Namespace, processes: int) -> list[str]:
                         f"got {args.save_total_limit}")
     if args.dataloader_num_workers < 0:
         problems.append(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
-    for flag in ("max_length", "max_eval_samples"):
+    if args.max_packed_tokens is not None and not args.packing:
+        problems.append("--max_packed_tokens only applies with --packing")
+    for flag in ("max_length", "max_eval_samples", "max_packed_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             problems.append(f"--{flag} must be positive, got {getattr(args, flag)}")
     if args.eval_batch_size is not None and args.eval_batch_size < 1:

@@ -98,7 +98,8 @@ class Phi3VTrainCollator:
         self.pad_token_id = processor.tokenizer.pad_token_id
         self.max_length = max_length
 
-    def __call__(self, samples: list[Sample]) -> dict:
+    def encode(self, samples: list[Sample]):
+        """-> per-sample ids and labels and the image inputs of all samples, each sample within --max_length."""
         ids, labels, image_inputs = self.encoder.encode_batch(samples, training=True)
         if self.max_length is not None:
             for sample, sample_ids in zip(samples, ids, strict=True):
@@ -107,6 +108,10 @@ class Phi3VTrainCollator:
                         f"sample {sample.id} has {len(sample_ids)} tokens (images included), more than "
                         f"--max_length {self.max_length}; raise --max_length, lower --num_crops or remove the sample"
                     )
+        return ids, labels, image_inputs
+
+    def __call__(self, samples: list[Sample]) -> dict:
+        ids, labels, image_inputs = self.encode(samples)
         batch = {
             "input_ids": pad_sequences(ids, self.pad_token_id, "right"),
             "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0, "right"),

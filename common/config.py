@@ -54,6 +54,8 @@ class TrainingConfig:
     weight_decay: float
     warmup_steps: int
     max_length: int | None  # longest sample accepted, in tokens
+    packing: bool  # micro-batches as rows of whole samples concatenated, no padding (common/packing.py)
+    max_packed_tokens: int  # tokens per packed row (a longer sample takes a row alone)
     seed: int
     logging_steps: int
     deepspeed_config: str | None  # None: plain DDP (LoRA / QLoRA)

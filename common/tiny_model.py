@@ -64,8 +64,10 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_config(vocab_size: int, hidden_size: int = 64, num_hidden_layers: int = 2) -> Phi3VConfig:
-    """The official architecture scaled down: Phi-3 decoder, su rope, HD embedding, 2-layer CLIP-336/14."""
+def tiny_config(vocab_size: int, hidden_size: int = 64, num_hidden_layers: int = 2,
+                original_max_position_embeddings: int = 4096) -> Phi3VConfig:
+    """The official architecture scaled down: Phi-3 decoder, su rope, HD embedding, 2-layer CLIP-336/14.
+    A small `original_max_position_embeddings` puts short samples on both sides of the su rope switch."""
     num_heads = 4
     rotary_pairs = hidden_size // num_heads // 2
     vision_hidden = 32
@@ -77,7 +79,7 @@ def tiny_config(vocab_size: int, hidden_size: int = 64, num_hidden_layers: int =
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
         max_position_embeddings=131072,
-        original_max_position_embeddings=4096,
+        original_max_position_embeddings=original_max_position_embeddings,
         rope_scaling={
             "type": "su",
             "short_factor": [1.0 + 0.05 * i for i in range(rotary_pairs)],
@@ -101,11 +103,12 @@ def tiny_config(vocab_size: int, hidden_size: int = 64, num_hidden_layers: int =
     )
 
 
-def write_tiny_phi3v(out_dir: str | Path, seed: int = 0, num_crops: int = 4, vocab_size: int = 512) -> Path:
+def write_tiny_phi3v(out_dir: str | Path, seed: int = 0, num_crops: int = 4, vocab_size: int = 512,
+                     original_max_position_embeddings: int = 4096) -> Path:
     """Write a random tiny Phi-3-V checkpoint folder and return its path."""
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(vocab_size)
-    config = tiny_config(len(tokenizer))
+    config = tiny_config(len(tokenizer), original_max_position_embeddings=original_max_position_embeddings)
     torch.manual_seed(seed)
     model = Phi3VForCausalLM(config)
     model.generation_config = GenerationConfig(

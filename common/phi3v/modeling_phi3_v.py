@@ -215,7 +215,22 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = _positions_from_mask(kwargs.get("attention_mask"), kwargs.get("cache"), inputs_embeds)
+        if _is_packed(kwargs):
+            return self._forward_packed(inputs_embeds, **kwargs)
         return super().forward(inputs_embeds=inputs_embeds, **kwargs)
+
+    def _forward_packed(self, inputs_embeds: torch.Tensor, **kwargs) -> BaseModelOutputWithPast:
+        """Rows of several samples each (common/packing.py), told apart by their positions. transformers then
+        masks block-diagonally (SDPA, eager) only without a cache, and runs flash attention's variable-length
+        kernel only on a single row: several rows are laid end to end for it."""
+        kwargs["use_cache"] = False
+        rows, length = inputs_embeds.shape[:2]
+        if rows == 1 or self.config._attn_implementation != "flash_attention_2":
+            return super().forward(inputs_embeds=inputs_embeds, **kwargs)
+        kwargs["position_ids"] = kwargs["position_ids"].expand(rows, length).reshape(1, rows * length)
+        output = super().forward(inputs_embeds=inputs_embeds.reshape(1, rows * length, -1), **kwargs)
+        output.last_hidden_state = output.last_hidden_state.view(rows, length, -1)
+        return output
 
     @property
     def unused_vision_layers(self) -> range:
@@ -249,6 +264,14 @@ def _positions_from_mask(attention_mask, cache, inputs_embeds: torch.Tensor) -> 
     if cache is not None and cache.get_seq_length() > 0:
         return None
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _is_packed(inputs: dict) -> bool:
+    """A packed batch: positions that restart within a row, no attention mask, no cache."""
+    position_ids = inputs.get("position_ids")
+    if position_ids is None or inputs.get("attention_mask") is not None or inputs.get("cache") is not None:
+        return False
+    return bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).any())
 
 
 class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):

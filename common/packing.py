@@ -1,0 +1,82 @@
+"""`--packing`: padding-free training batches. A micro-batch's samples are concatenated into rows of at most
+`--max_packed_tokens` tokens instead of each being padded to the longest.
+
+Each sample keeps its own positions (0, 1, 2, ...), which is all the model needs to keep samples apart: the
+restart of the positions marks where a sample begins, so attention stays within each sample (a block-diagonal
+mask with SDPA or eager attention, flash attention's variable-length kernel), the rotary scaling is chosen
+from each sample's own length, and the loss gives every sample the weight it has alone. Rows are filled first
+fit, longest sample first; a sample longer than the budget takes a row of its own, and rows shorter than the
+longest are completed by a padding run that attends only to itself and is never learnt. The micro-batches
+themselves are those of padded training (the same samples, steps and resume points): an optimizer step still
+consumes --batch_size samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .collators import IGNORE_INDEX, Phi3VTrainCollator
+from .data import Sample
+
+DEFAULT_MAX_PACKED_TOKENS = 16384  # a few DocVQA pages (~2,500 tokens) or two UCF-101 clips (~6,000) per row
+
+
+def pack_rows(lengths: list[int], budget: int) -> list[list[int]]:
+    """Sample indices per row, each row at most `budget` tokens unless it holds one longer sample: first fit,
+    longest first; rows and the samples within them in the order of their first sample."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        row = next((r for r, free in enumerate(room) if lengths[index] <= free), None)
+        if row is None:
+            rows.append([index])
+            room.append(budget - lengths[index])
+        else:
+            rows[row].append(index)
+            room[row] -= lengths[index]
+    return sorted(sorted(row) for row in rows)
+
+
+class PackedTrainCollator(Phi3VTrainCollator):
+    """`Sample`s -> packed training batch: input_ids, labels and position_ids (R, L) for R rows of whole
+    samples (no attention_mask: positions separate the samples), pixel_values / image_sizes of the images in
+    row order, so that every image lands in its own sample's span."""
+
+    def __init__(self, processor, max_length: int | None = None, max_packed_tokens: int = DEFAULT_MAX_PACKED_TOKENS):
+        super().__init__(processor, max_length)
+        self.max_packed_tokens = max_packed_tokens
+
+    def __call__(self, samples: list[Sample]) -> dict:
+        ids, labels, image_inputs = self.encode(samples)
+        rows = pack_rows([len(sample_ids) for sample_ids in ids], self.max_packed_tokens)
+        width = max(sum(len(ids[i]) for i in row) for row in rows)
+        columns = {"input_ids": [], "labels": [], "position_ids": []}
+        for row in rows:
+            row_ids = [token for i in row for token in ids[i]]
+            row_labels = [label for i in row for label in labels[i]]
+            positions = [position for i in row for position in range(len(ids[i]))]
+            padding = width - len(row_ids)
+            columns["input_ids"].append(row_ids + [self.pad_token_id] * padding)
+            columns["labels"].append(row_labels + [IGNORE_INDEX] * padding)
+            columns["position_ids"].append(positions + list(range(padding)))
+        batch = {name: torch.tensor(values, dtype=torch.long) for name, values in columns.items()}
+        if image_inputs is not None:
+            order = _images_in_row_order(samples, [i for row in rows for i in row])
+            batch["pixel_values"] = image_inputs["pixel_values"][order]
+            batch["image_sizes"] = image_inputs["image_sizes"][order]
+        return batch
+
+
+def _images_in_row_order(samples: list[Sample], sample_order: list[int]) -> torch.Tensor:
+    """Indices into the batch's images (in sample order) that put them in the order of `sample_order`."""
+    first = [0]
+    for sample in samples:
+        first.append(first[-1] + len(sample.images))
+    return torch.tensor([image for i in sample_order for image in range(first[i], first[i + 1])], dtype=torch.long)
+
+
+def train_collator(processor, max_length: int | None, packing: bool, max_packed_tokens: int) -> Phi3VTrainCollator:
+    """The run's training collator: packed rows with --packing, padded samples otherwise."""
+    if packing:
+        return PackedTrainCollator(processor, max_length, max_packed_tokens)
+    return Phi3VTrainCollator(processor, max_length)
