@@ -52,9 +52,7 @@ class PackedTrainCollator(Phi3VTrainCollator):
         width = max(sum(len(ids[i]) for i in row) for row in rows)
         columns = {"input_ids": [], "labels": [], "position_ids": []}
         for row in rows:
-            row_ids = [token for i in row for token in ids[i]]
-            row_labels = [label for i in row for label in labels[i]]
-            positions = [position for i in row for position in range(len(ids[i]))]
+            row_ids, row_labels, positions = concatenate(ids, labels, row)
             padding = width - len(row_ids)
             columns["input_ids"].append(row_ids + [self.pad_token_id] * padding)
             columns["labels"].append(row_labels + [IGNORE_INDEX] * padding)
@@ -65,6 +63,35 @@ class PackedTrainCollator(Phi3VTrainCollator):
             batch["pixel_values"] = image_inputs["pixel_values"][order]
             batch["image_sizes"] = image_inputs["image_sizes"][order]
         return batch
+
+
+def concatenate(ids: list[list[int]], labels: list[list[int]], row: list[int]):
+    """The row of samples `row`: (input ids, labels, positions restarting at 0 for each sample)."""
+    return (
+        [token for i in row for token in ids[i]],
+        [label for i in row for label in labels[i]],
+        [position for i in row for position in range(len(ids[i]))],
+    )
+
+
+def pack_preview_records(collator: PackedTrainCollator, samples: list[Sample], batch_size_per_gpu: int) -> list[dict]:
+    """--preview_samples with --packing: the packed rows of the first micro-batches (dataset order), one
+    record per row: the micro-batch, its samples' ids, input_ids, labels and position_ids (no padding run)."""
+    records = []
+    for start in range(0, len(samples), batch_size_per_gpu):
+        micro_batch = samples[start : start + batch_size_per_gpu]
+        ids, labels, _ = collator.encode(micro_batch)
+        for row in pack_rows([len(sample_ids) for sample_ids in ids], collator.max_packed_tokens):
+            row_ids, row_labels, positions = concatenate(ids, labels, row)
+            records.append({"split": "train_pack", "micro_batch": start // batch_size_per_gpu,
+                            "ids": [micro_batch[i].id for i in row], "input_ids": row_ids, "labels": row_labels,
+                            "position_ids": positions})
+    return records
+
+
+def describe_pack(record: dict) -> str:
+    return (f"micro-batch {record['micro_batch']}: packed row of {len(record['input_ids'])} tokens, samples "
+            f"{', '.join(record['ids'])}")
 
 
 def _images_in_row_order(samples: list[Sample], sample_order: list[int]) -> torch.Tensor:

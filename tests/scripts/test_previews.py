@@ -327,3 +327,21 @@ def test_preview_samples_must_be_positive(launcher, tmp_path):
             *preview_data("ucf101", tmp_path)]
     result = launcher.run(SCRIPTS["ucf101"], args)
     assert result.returncode == 2 and "--preview_samples must be at least 1, got 0" in result.stderr
+
+
+def test_preview_samples_shows_the_packs_with_packing(launcher, tmp_path):
+    output_dir = tmp_path / "out"
+    args = ["--model_name_or_path", REAL_PROCESSOR, "--output_dir", output_dir, "--num_crops", "1",
+            "--preview_samples", "3", "--packing", "--batch_size", "2", "--batch_size_per_gpu", "2",
+            "--max_packed_tokens", "700", *preview_data("ucf101", tmp_path)]
+    result = launcher.run(SCRIPTS["ucf101"], args).check()
+    records = [json.loads(line) for line in (output_dir / "data_preview.jsonl").read_text().splitlines()]
+    samples = {record["id"]: record for record in records if record["split"] == "train"}
+    packs = [record for record in records if record["split"] == "train_pack"]
+    # micro-batches of 2 samples in dataset order; two samples of ~330 tokens fit a row of 700
+    assert [(pack["micro_batch"], pack["ids"]) for pack in packs] == [(0, ["train-0", "train-1"]), (1, ["train-2"])]
+    for pack in packs:
+        assert pack["input_ids"] == [token for i in pack["ids"] for token in samples[i]["input_ids"]]
+        assert pack["labels"] == [label for i in pack["ids"] for label in samples[i]["labels"]]
+        assert pack["position_ids"] == [p for i in pack["ids"] for p in range(len(samples[i]["input_ids"]))]
+    assert "micro-batch 0: packed row of" in result.stdout and "samples train-0, train-1" in result.stdout
