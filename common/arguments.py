@@ -76,6 +76,9 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     train.add_argument("--max_packed_tokens", type=int, default=None,
                        help=f"tokens per packed row with --packing (default {DEFAULT_MAX_PACKED_TOKENS}; a longer "
                             "sample takes a row alone)")
+    train.add_argument("--gradient_checkpointing", choices=["on", "off"], default="on",
+                       help="recompute activations in the backward pass (on, the recipe's); off is faster where "
+                            "memory allows")
     train.add_argument("--seed", type=int, default=42, help="random seed (data order, LoRA init)")
     train.add_argument("--save_steps", type=int, default=0,
                        help="save a resumable checkpoint every N optimizer steps (0: no intermediate checkpoints)")
@@ -164,6 +167,7 @@ def resolve_run_config(
         training=_from_flags(
             TrainingConfig, args, weight_decay=args.wd, deepspeed_config=deepspeed, show_progress=args.tqdm,
             max_packed_tokens=args.max_packed_tokens or DEFAULT_MAX_PACKED_TOKENS,
+            gradient_checkpointing=args.gradient_checkpointing == "on",
         ),
         evaluation=_from_flags(
             EvaluationConfig,

@@ -62,3 +62,7 @@ def test_building_them_leaves_the_environment_alone(tmp_path):
     before = dict(os.environ)
     lora_arguments(tmp_path)
     assert dict(os.environ) == before
+
+
+def test_gradient_checkpointing_off(tmp_path):
+    assert not lora_arguments(tmp_path, "--gradient_checkpointing", "off").activation_checkpointing
