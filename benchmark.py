@@ -16,6 +16,9 @@ timed ones; a callback times the window between them (the only CUDA synchronisat
     # CPU smoke test with the tiny model (the tests run this with --flash both: flash rows give their reason)
     OMP_NUM_THREADS=1 python benchmark.py --tiny --num_crops 1 --batch_size 1 --dataloader_num_workers 0 \
         --strategies full,lora --flash off --steps 2 --warmup_steps 1
+    # padded vs packed micro-batches (tokens/s, padding, peak memory) on DocVQA pages and a mixed-length set
+    python benchmark.py --random_init --batching --batch_size_per_gpu 4
+    OMP_NUM_THREADS=2 python benchmark.py --tiny --batching --batch_size_per_gpu 4   # CPU, the tiny model
     # one configuration under your own launcher, then the report from all rows in --output_dir
     torchrun --nproc_per_node 8 benchmark.py --worker --random_init --strategies lora --flash on
     python benchmark.py --collect --random_init
@@ -49,6 +52,7 @@ spent fetching the micro-batches of the next optimizer step (host time, an upper
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -59,6 +63,7 @@ if str(REPO) not in sys.path:  # common/ and benchmarks/ sit next to this file (
     sys.path.insert(0, str(REPO))
 
 from benchmarks.assets import asset_paths, prepare_assets  # noqa: E402
+from benchmarks.batching import render_batching, run_batching  # noqa: E402
 from benchmarks.configs import DEFAULT_STRATEGIES, OFFICIAL_CONFIG  # noqa: E402
 from benchmarks.launcher import collect, run_all  # noqa: E402
 from benchmarks.report import render_markdown, result_paths  # noqa: E402
@@ -117,12 +122,26 @@ def build_benchmark_parser() -> argparse.ArgumentParser:
     launch.add_argument("--node_rank", type=int, default=0, help="this node's rank (multi-node)")
     launch.add_argument("--master_addr", default="127.0.0.1", help="rank-0 node address (multi-node)")
     launch.add_argument("--master_port", type=int, default=29500, help="rendezvous port (multi-node)")
+    bench.add_argument("--batching", action="store_true",
+                       help="instead of the strategies: padded vs packed micro-batches (benchmarks/batching.py) on "
+                            "the DocVQA shape and a mixed-length set, in this process")
     launch.add_argument("--collect", action="store_true",
                         help="only write the report from the rows/*.json already in --output_dir")
     launch.add_argument("--worker", action="store_true", help="run one configuration in this process (torchrun)")
     launch.add_argument("--worker_result", default=None, help=argparse.SUPPRESS)
     launch.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)  # write the assets and exit
     return parser
+
+
+def _batching(args) -> int:
+    report = run_batching(args)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "batching.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output_dir / "batching.md").write_text(render_batching(report) + "\n")
+    print(render_batching(report))
+    print(f"wrote {output_dir / 'batching.md'} and {output_dir / 'batching.json'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("invalid arguments:\n  " + "\n  ".join(problems))
     if args.worker:
         return run_worker(args)
+    if args.batching:
+        return _batching(args)
     if args.prepare:
         prepare_assets(args)
         return 0

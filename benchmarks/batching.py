@@ -1,0 +1,141 @@
+"""`benchmark.py --batching`: padded vs packed micro-batches of the same samples, in this process.
+
+Two sets: the DocVQA shape (synthetic pages, ~2,500 tokens each at num_crops 16) and a mixed-length set in the
+proportions the recipe's tasks span — UCF-101-like clips (8 frames of 320x240, ~6,000 tokens at num_crops 16),
+DocVQA pages and text-only turns. Every layout trains on the same micro-batches of --batch_size_per_gpu
+samples (forward and backward through the scripts' model and collators; the optimizer step is the same for
+all and left out): padded (the recipe's layout), padded with the language-model head at every position (the
+loss before the lean one), packed, and packed without gradient checkpointing. Per row: tokens/s (real tokens,
+padding excluded), the padding fraction of the rows computed, peak GPU memory (CUDA only), and the tokens/s
+ratio to the padded row of the same set, from one run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+from benchmarks.assets import prepare_assets
+from benchmarks.synthetic import QUESTIONS
+from common.collators import Phi3VTrainCollator
+from common.data import Sample, Turn
+from common.packing import PackedTrainCollator
+
+GIB = 2**30
+CLIP_FRAMES = 8
+FRAME_SIZE = (320, 240)
+LAYOUTS = {
+    # name: (packed, lean loss, gradient checkpointing)
+    "padded": (False, True, True),
+    "padded, head at every position": (False, False, True),
+    "packed": (True, True, True),
+    "packed, no gradient checkpointing": (True, True, False),
+}
+
+
+def _frame(clip: int, index: int) -> Image.Image:
+    """A moving disc on a plain background: a stand-in for a video frame."""
+    from PIL import ImageDraw
+
+    frame = Image.new("RGB", FRAME_SIZE, (40 + 30 * clip, 90, 120))
+    x = 20 + index * (FRAME_SIZE[0] - 60) // CLIP_FRAMES
+    ImageDraw.Draw(frame).ellipse([x, 100, x + 40, 140], fill=(230, 40, 40))
+    return frame
+
+
+def sample_sets(pages: list[Path], seed: int) -> dict[str, list[Sample]]:
+    rng = random.Random(seed)
+    page_images = [Image.open(page).convert("RGB") for page in pages]
+
+    def page(index: int) -> Sample:
+        question, answer = QUESTIONS[rng.randrange(len(QUESTIONS))]
+        return Sample(f"page-{index}", [Turn(question, answer, [page_images[index % len(page_images)]])])
+
+    def clip(index: int) -> Sample:
+        frames = [_frame(index, i) for i in range(CLIP_FRAMES)]
+        return Sample(f"clip-{index}", [Turn("Classify the video into one of the 101 UCF actions.", "Archery", frames)])
+
+    def text(index: int) -> Sample:
+        question, answer = QUESTIONS[rng.randrange(len(QUESTIONS))]
+        return Sample(f"text-{index}", [Turn(f"Answer briefly. {question}", answer)])
+
+    mixed = [clip(0), clip(1), page(0), page(1), page(2), text(0), text(1), text(2)]
+    rng.shuffle(mixed)
+    return {"DocVQA pages": [page(i) for i in range(8)], "mixed lengths": mixed}
+
+
+def _time_layout(model, collator, micro_batches: list[list[Sample]], real_tokens: int, lean: bool,
+                 checkpointing: bool) -> dict:
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    model.train(lean)  # eval mode computes the head at every position (dropout is 0 in Phi-3.5-vision)
+    device = next(model.parameters()).device
+    batches = [{key: value.to(device) for key, value in collator(samples).items()} for samples in micro_batches]
+    model(**batches[0]).loss.backward()  # warm-up, untimed
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for batch in batches:
+        model(**batch).loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    computed = sum(batch["input_ids"].numel() for batch in batches)
+    return {
+        "tokens_per_s": real_tokens / seconds,
+        "padding_fraction": 1 - real_tokens / computed,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
+        "tokens": real_tokens,
+        "seconds": seconds,
+    }
+
+
+def run_batching(args) -> dict:
+    model_path, pages = prepare_assets(args)
+    processor = AutoProcessor.from_pretrained(model_path, num_crops=args.num_crops)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa").to(device)
+    model.config.use_cache = False
+    per_gpu = args.batch_size_per_gpu
+    rows = []
+    for set_name, samples in sample_sets(pages, args.seed).items():
+        micro_batches = [samples[i : i + per_gpu] for i in range(0, len(samples), per_gpu)]
+        real_tokens = sum(len(ids) for ids in Phi3VTrainCollator(processor).encode(samples)[0])
+        baseline = None
+        for layout, (packed, lean, checkpointing) in LAYOUTS.items():
+            collator = (PackedTrainCollator(processor, max_packed_tokens=args.max_packed_tokens or 16384)
+                        if packed else Phi3VTrainCollator(processor))
+            row = {"set": set_name, "layout": layout, **_time_layout(model, collator, micro_batches, real_tokens, lean, checkpointing)}
+            baseline = baseline or row["tokens_per_s"]
+            row["speedup"] = row["tokens_per_s"] / baseline
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+            "model": model_path, "num_crops": args.num_crops, "batch_size_per_gpu": per_gpu, "rows": rows}
+
+
+def render_batching(report: dict) -> str:
+    lines = [
+        f"Padded vs packed micro-batches of {report['batch_size_per_gpu']} samples, num_crops {report['num_crops']}, "
+        f"{report['device']}, forward + backward",
+        "",
+        "| set | layout | tokens/s | vs padded | padding | peak memory (GiB) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in report["rows"]:
+        memory = f"{row['peak_memory_gib']:.2f}" if row["peak_memory_gib"] is not None else "n/a"
+        lines.append(f"| {row['set']} | {row['layout']} | {row['tokens_per_s']:.0f} | {row['speedup']:.2f}x | "
+                     f"{row['padding_fraction']:.1%} | {memory} |")
+    return "\n".join(lines)
