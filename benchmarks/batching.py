@@ -115,7 +115,7 @@ def run_batching(args) -> dict:
         real_tokens = sum(len(ids) for ids in Phi3VTrainCollator(processor).encode(samples)[0])
         baseline = None
         for layout, (packed, lean, checkpointing) in LAYOUTS.items():
-            collator = (PackedTrainCollator(processor, max_packed_tokens=args.max_packed_tokens or 16384)
+            collator = (PackedTrainCollator(processor, max_packed_tokens=args.max_packed_tokens)
                         if packed else Phi3VTrainCollator(processor))
             row = {"set": set_name, "layout": layout, **_time_layout(model, collator, micro_batches, real_tokens, lean, checkpointing)}
             baseline = baseline or row["tokens_per_s"]

@@ -30,7 +30,6 @@ from .config import (
 )
 from .distributed import Distributed
 from .errors import UsageError
-from .packing import DEFAULT_MAX_PACKED_TOKENS
 from .precision import resolve_precision
 from .strategy import TrainingStrategy
 
@@ -74,8 +73,8 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     train.add_argument("--packing", action="store_true",
                        help="padding-free micro-batches: samples concatenated into rows, each attending only to itself")
     train.add_argument("--max_packed_tokens", type=int, default=None,
-                       help=f"tokens per packed row with --packing (default {DEFAULT_MAX_PACKED_TOKENS}; a longer "
-                            "sample takes a row alone)")
+                       help="tokens per packed row with --packing (default: as many as the micro-batch's longest "
+                            "sample; a longer sample takes a row alone)")
     train.add_argument("--gradient_checkpointing", choices=["on", "off"], default="on",
                        help="recompute activations in the backward pass (on, the recipe's); off is faster where "
                             "memory allows")
@@ -166,7 +165,6 @@ def resolve_run_config(
         data=_from_flags(DataConfig, args),
         training=_from_flags(
             TrainingConfig, args, weight_decay=args.wd, deepspeed_config=deepspeed, show_progress=args.tqdm,
-            max_packed_tokens=args.max_packed_tokens or DEFAULT_MAX_PACKED_TOKENS,
             gradient_checkpointing=args.gradient_checkpointing == "on",
         ),
         evaluation=_from_flags(

@@ -55,7 +55,7 @@ class TrainingConfig:
     warmup_steps: int
     max_length: int | None  # longest sample accepted, in tokens
     packing: bool  # micro-batches as rows of whole samples concatenated, no padding (common/packing.py)
-    max_packed_tokens: int  # tokens per packed row (a longer sample takes a row alone)
+    max_packed_tokens: int | None  # tokens per packed row (None: the micro-batch's longest sample)
     gradient_checkpointing: bool  # recompute activations in the backward pass (the recipe's); off: faster, more memory
     seed: int
     logging_steps: int

@@ -1,12 +1,16 @@
 """`--packing`: padding-free training batches. A micro-batch's samples are concatenated into rows of at most
-`--max_packed_tokens` tokens instead of each being padded to the longest.
+`--max_packed_tokens` tokens (by default as many as its longest sample) instead of each being padded to the
+longest.
 
 Each sample keeps its own positions (0, 1, 2, ...), which is all the model needs to keep samples apart: the
 restart of the positions marks where a sample begins, so attention stays within each sample (a block-diagonal
 mask with SDPA or eager attention, flash attention's variable-length kernel), the rotary scaling is chosen
 from each sample's own length, and the loss gives every sample the weight it has alone. Rows are filled first
 fit, longest sample first; a sample longer than the budget takes a row of its own, and rows shorter than the
-longest are completed by a padding run that attends only to itself and is never learnt. The micro-batches
+longest are completed by a padding run that attends only to itself and is never learnt. Rows no longer than
+the longest sample keep SDPA and eager attention, which compute the whole row's square under the block-diagonal
+mask, at the cost of padded batches; flash attention lays all rows end to end and computes each sample's own
+attention only, so a larger budget only changes how rows are cut. The micro-batches
 themselves are those of padded training (the same samples, steps and resume points): an optimizer step still
 consumes --batch_size samples.
 """
@@ -17,8 +21,6 @@ import torch
 
 from .collators import IGNORE_INDEX, Phi3VTrainCollator
 from .data import Sample
-
-DEFAULT_MAX_PACKED_TOKENS = 16384  # a few DocVQA pages (~2,500 tokens) or two UCF-101 clips (~6,000) per row
 
 
 def pack_rows(lengths: list[int], budget: int) -> list[list[int]]:
@@ -42,13 +44,17 @@ class PackedTrainCollator(Phi3VTrainCollator):
     samples (no attention_mask: positions separate the samples), pixel_values / image_sizes of the images in
     row order, so that every image lands in its own sample's span."""
 
-    def __init__(self, processor, max_length: int | None = None, max_packed_tokens: int = DEFAULT_MAX_PACKED_TOKENS):
+    def __init__(self, processor, max_length: int | None = None, max_packed_tokens: int | None = None):
         super().__init__(processor, max_length)
         self.max_packed_tokens = max_packed_tokens
 
+    def rows(self, ids: list[list[int]]) -> list[list[int]]:
+        lengths = [len(sample_ids) for sample_ids in ids]
+        return pack_rows(lengths, self.max_packed_tokens or max(lengths))
+
     def __call__(self, samples: list[Sample]) -> dict:
         ids, labels, image_inputs = self.encode(samples)
-        rows = pack_rows([len(sample_ids) for sample_ids in ids], self.max_packed_tokens)
+        rows = self.rows(ids)
         width = max(sum(len(ids[i]) for i in row) for row in rows)
         columns = {"input_ids": [], "labels": [], "position_ids": []}
         for row in rows:
@@ -81,7 +87,7 @@ def pack_preview_records(collator: PackedTrainCollator, samples: list[Sample], b
     for start in range(0, len(samples), batch_size_per_gpu):
         micro_batch = samples[start : start + batch_size_per_gpu]
         ids, labels, _ = collator.encode(micro_batch)
-        for row in pack_rows([len(sample_ids) for sample_ids in ids], collator.max_packed_tokens):
+        for row in collator.rows(ids):
             row_ids, row_labels, positions = concatenate(ids, labels, row)
             records.append({"split": "train_pack", "micro_batch": start // batch_size_per_gpu,
                             "ids": [micro_batch[i].id for i in row], "input_ids": row_ids, "labels": row_labels,
@@ -102,7 +108,7 @@ def _images_in_row_order(samples: list[Sample], sample_order: list[int]) -> torc
     return torch.tensor([image for i in sample_order for image in range(first[i], first[i + 1])], dtype=torch.long)
 
 
-def train_collator(processor, max_length: int | None, packing: bool, max_packed_tokens: int) -> Phi3VTrainCollator:
+def train_collator(processor, max_length: int | None, packing: bool, max_packed_tokens: int | None) -> Phi3VTrainCollator:
     """The run's training collator: packed rows with --packing, padded samples otherwise."""
     if packing:
         return PackedTrainCollator(processor, max_length, max_packed_tokens)

@@ -378,7 +378,7 @@ def test_packing_and_gradient_checkpointing():
     training = validated().training
     assert (training.packing, training.gradient_checkpointing) == (False, True)  # the recipe's: padded, recomputed
     training = validated("--packing", "--gradient_checkpointing", "off").training
-    assert training.packing and training.max_packed_tokens == 16384 and not training.gradient_checkpointing
+    assert training.packing and training.max_packed_tokens is None and not training.gradient_checkpointing
     assert validated("--packing", "--max_packed_tokens", "4096").training.max_packed_tokens == 4096
     message = problems_of("--max_packed_tokens", "0")
     assert "--max_packed_tokens only applies with --packing" in message

@@ -84,14 +84,15 @@ def test_packed_rows_restart_positions_and_keep_each_sample_its_images(processor
     assert spans == (padded["input_ids"] < 0).sum().item() and len(packed["pixel_values"]) == 4
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed-one-row", "packed-rows"])
+@pytest.mark.parametrize("layout", ["padded", "packed-one-row", "packed-rows", "packed-default"])
 def test_batch_loss_and_gradients_equal_one_sample_at_a_time(short_rope_model_dir, processor, layout):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(short_rope_model_dir, attn_implementation="sdpa").train()
     expected = one_at_a_time(model, processor)
     collator = {
         "padded": Phi3VTrainCollator(processor),
-        "packed-one-row": PackedTrainCollator(processor),
+        "packed-one-row": PackedTrainCollator(processor, max_packed_tokens=100_000),
+        "packed-default": PackedTrainCollator(processor),
         "packed-rows": PackedTrainCollator(processor, max_packed_tokens=700),
     }[layout]
     assert_same(loss_and_grads(model, collator(samples())), expected, layout)
