@@ -84,11 +84,15 @@ def test_packed_rows_restart_positions_and_keep_each_sample_its_images(processor
     assert spans == (padded["input_ids"] < 0).sum().item() and len(packed["pixel_values"]) == 4
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed-one-row", "packed-rows", "packed-default"])
-def test_batch_loss_and_gradients_equal_one_sample_at_a_time(short_rope_model_dir, processor, layout):
-    torch.manual_seed(0)
+@pytest.fixture(scope="module")
+def model_and_expected(short_rope_model_dir, processor):
     model = AutoModelForCausalLM.from_pretrained(short_rope_model_dir, attn_implementation="sdpa").train()
-    expected = one_at_a_time(model, processor)
+    return model, one_at_a_time(model, processor)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed-one-row", "packed-rows", "packed-default"])
+def test_batch_loss_and_gradients_equal_one_sample_at_a_time(model_and_expected, processor, layout):
+    model, expected = model_and_expected
     collator = {
         "padded": Phi3VTrainCollator(processor),
         "packed-one-row": PackedTrainCollator(processor, max_packed_tokens=100_000),
