@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .collators import IGNORE_INDEX, Phi3VTrainCollator
+from .config import TrainingConfig
 from .data import Sample
 
 
@@ -108,8 +109,8 @@ def _images_in_row_order(samples: list[Sample], sample_order: list[int]) -> torc
     return torch.tensor([image for i in sample_order for image in range(first[i], first[i + 1])], dtype=torch.long)
 
 
-def train_collator(processor, max_length: int | None, packing: bool, max_packed_tokens: int | None) -> Phi3VTrainCollator:
+def train_collator(processor, training: TrainingConfig) -> Phi3VTrainCollator:
     """The run's training collator: packed rows with --packing, padded samples otherwise."""
-    if packing:
-        return PackedTrainCollator(processor, max_length, max_packed_tokens)
-    return Phi3VTrainCollator(processor, max_length)
+    if training.packing:
+        return PackedTrainCollator(processor, training.max_length, training.max_packed_tokens)
+    return Phi3VTrainCollator(processor, training.max_length)

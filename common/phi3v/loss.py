@@ -12,6 +12,8 @@ computation, which evaluation keeps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -58,10 +60,7 @@ def learnt_loss(
     num_samples: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """The loss from the decoder's last hidden states (B, L, H), with the head applied only where learnt."""
-    learnt = learnt_positions(labels)
-    targets = labels[:, 1:][learnt[:, :-1]]
-    logits = lm_head(hidden_states[learnt])
-    return per_sample_mean_loss(logits, targets, token_samples(labels, position_ids)[learnt], num_samples)
+    return _loss_where_learnt(lambda learnt: lm_head(hidden_states[learnt]), labels, position_ids, num_samples)
 
 
 def full_loss(
@@ -71,9 +70,13 @@ def full_loss(
     num_samples: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """The same loss from logits at every position (B, L, V)."""
+    return _loss_where_learnt(lambda learnt: logits[learnt], labels, position_ids, num_samples)
+
+
+def _loss_where_learnt(logits_at: Callable[[torch.Tensor], torch.Tensor], labels, position_ids, num_samples):
     learnt = learnt_positions(labels)
     targets = labels[:, 1:][learnt[:, :-1]]
-    return per_sample_mean_loss(logits[learnt], targets, token_samples(labels, position_ids)[learnt], num_samples)
+    return per_sample_mean_loss(logits_at(learnt), targets, token_samples(labels, position_ids)[learnt], num_samples)
 
 
 def samples_in_batch(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> int:
