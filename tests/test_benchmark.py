@@ -239,3 +239,28 @@ def test_page_tokens_at_num_crops_16_match_the_recipe(tmp_path):
     for count in tokens:
         assert abs(count - RECIPE_TOKENS_PER_SAMPLE) <= 0.15 * RECIPE_TOKENS_PER_SAMPLE
     assert sample_lengths(processor, dataset, (1700, 2200), limit=2) == tokens
+
+
+@pytest.mark.slow  # two minutes of CPU: eight layouts of clips, pages and text turns
+def test_batching_compares_padded_and_packed_on_both_sets(tmp_path):
+    """--batching: one row per set and layout, the same real tokens in each, packing never pads more."""
+    command = [
+        sys.executable, str(REPO / "benchmark.py"), "--tiny", "--batching", "--num_crops", str(SMOKE_CROPS),
+        "--batch_size_per_gpu", "4", "--num_pages", "2", "--output_dir", str(tmp_path / "results"),
+        "--cache_dir", str(tmp_path / "cache"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "results" / "batching.json").read_text())
+    rows = {(row["set"], row["layout"]): row for row in report["rows"]}
+    assert {name for name, _ in rows} == {"DocVQA pages", "mixed lengths"} and len(rows) == 8
+    for set_name in ("DocVQA pages", "mixed lengths"):
+        padded, packed = rows[set_name, "padded"], rows[set_name, "packed"]
+        assert padded["speedup"] == 1.0 and packed["tokens"] == padded["tokens"] > 0
+        assert packed["padding_fraction"] <= padded["padding_fraction"]
+        assert packed["tokens_per_s"] > 0 and packed["peak_memory_gib"] is None  # CPU: no GPU memory figure
+    assert rows["mixed lengths", "padded"]["padding_fraction"] > 0.3  # clips, pages and text turns padded together
+    table = (tmp_path / "results" / "batching.md").read_text()
+    assert "| mixed lengths | packed |" in table and "vs padded" in table
