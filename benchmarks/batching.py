@@ -5,7 +5,8 @@ proportions the recipe's tasks span — UCF-101-like clips (8 frames of 320x240,
 DocVQA pages and text-only turns. Every layout trains on the same micro-batches of --batch_size_per_gpu
 samples (forward and backward through the scripts' model and collators; the optimizer step is the same for
 all and left out): padded (the recipe's layout), padded with the language-model head at every position (the
-loss before the lean one), packed, and packed without gradient checkpointing. Per row: tokens/s (real tokens,
+loss before the lean one), packed, and packed without gradient checkpointing. --steps rounds, each timing
+every layout once, after one warm-up micro-batch of each; the fastest round of each layout counts. Per row: tokens/s (real tokens,
 padding excluded), the padding fraction of the rows computed, peak GPU memory (CUDA only), and the tokens/s
 ratio to the padded row of the same set, from one run.
 """
@@ -26,6 +27,7 @@ from benchmarks.synthetic import QUESTIONS
 from common.collators import Phi3VTrainCollator
 from common.data import Sample, Turn
 from common.packing import PackedTrainCollator
+from common.phi3v.loss import full_loss
 
 GIB = 2**30
 CLIP_FRAMES = 8
@@ -70,35 +72,65 @@ def sample_sets(pages: list[Path], seed: int) -> dict[str, list[Sample]]:
     return {"DocVQA pages": [page(i) for i in range(8)], "mixed lengths": mixed}
 
 
-def _time_layout(model, collator, micro_batches: list[list[Sample]], real_tokens: int, lean: bool,
-                 checkpointing: bool) -> dict:
-    if checkpointing:
+def _set_checkpointing(model, on: bool) -> None:
+    if on:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
-    model.train(lean)  # eval mode computes the head at every position (dropout is 0 in Phi-3.5-vision)
+
+
+def _loss(model, batch: dict, lean: bool) -> torch.Tensor:
+    """The training loss; without `lean`, as before it: the head at every position, then the same reduction."""
+    if lean:
+        return model(**batch).loss
+    logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+    return full_loss(logits, batch["labels"], batch.get("position_ids"))
+
+
+def _seconds(model, batches: list[dict], lean: bool, checkpointing: bool) -> float:
+    _set_checkpointing(model, checkpointing)
     device = next(model.parameters()).device
-    batches = [{key: value.to(device) for key, value in collator(samples).items()} for samples in micro_batches]
-    model(**batches[0]).loss.backward()  # warm-up, untimed
-    model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for batch in batches:
-        model(**batch).loss.backward()
+        _loss(model, batch, lean).backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
-    computed = sum(batch["input_ids"].numel() for batch in batches)
-    return {
-        "tokens_per_s": real_tokens / seconds,
-        "padding_fraction": 1 - real_tokens / computed,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
-        "tokens": real_tokens,
-        "seconds": seconds,
-    }
+    return seconds
+
+
+def _measure_set(model, processor, samples: list[Sample], per_gpu: int, max_packed_tokens, rounds: int) -> list[dict]:
+    """Every layout on the same micro-batches; rounds interleave the layouts and the fastest round counts (a
+    shared machine's load moves single timings)."""
+    device = next(model.parameters()).device
+    micro_batches = [samples[i : i + per_gpu] for i in range(0, len(samples), per_gpu)]
+    real_tokens = sum(len(ids) for ids in Phi3VTrainCollator(processor).encode(samples)[0])
+    collators = {False: Phi3VTrainCollator(processor), True: PackedTrainCollator(processor, None, max_packed_tokens)}
+    batches = {packed: [{key: value.to(device) for key, value in collator(group).items()} for group in micro_batches]
+               for packed, collator in collators.items()}
+    for packed, lean, checkpointing in LAYOUTS.values():  # warm-up: one micro-batch of each layout
+        _seconds(model, batches[packed][:1], lean, checkpointing)
+    rows = {layout: {"seconds": float("inf"), "peak_memory_gib": None} for layout in LAYOUTS}
+    for _round in range(rounds):
+        for layout, (packed, lean, checkpointing) in LAYOUTS.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = _seconds(model, batches[packed], lean, checkpointing)
+            rows[layout]["seconds"] = min(rows[layout]["seconds"], seconds)
+            if device.type == "cuda":
+                rows[layout]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+    result = []
+    for layout, (packed, _, _) in LAYOUTS.items():
+        computed = sum(batch["input_ids"].numel() for batch in batches[packed])
+        seconds = rows[layout]["seconds"]
+        result.append({"layout": layout, "tokens_per_s": real_tokens / seconds,
+                       "padding_fraction": 1 - real_tokens / computed, "peak_memory_gib": rows[layout]["peak_memory_gib"],
+                       "tokens": real_tokens, "seconds": seconds,
+                       "speedup": rows["padded"]["seconds"] / seconds})
+    return result
 
 
 def run_batching(args) -> dict:
@@ -106,30 +138,24 @@ def run_batching(args) -> dict:
     processor = AutoProcessor.from_pretrained(model_path, num_crops=args.num_crops)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa").to(device)
+    attention = "flash_attention_2" if args.use_flash_attention else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attention).to(device)
     model.config.use_cache = False
-    per_gpu = args.batch_size_per_gpu
+    model.train()
     rows = []
     for set_name, samples in sample_sets(pages, args.seed).items():
-        micro_batches = [samples[i : i + per_gpu] for i in range(0, len(samples), per_gpu)]
-        real_tokens = sum(len(ids) for ids in Phi3VTrainCollator(processor).encode(samples)[0])
-        baseline = None
-        for layout, (packed, lean, checkpointing) in LAYOUTS.items():
-            collator = (PackedTrainCollator(processor, max_packed_tokens=args.max_packed_tokens)
-                        if packed else Phi3VTrainCollator(processor))
-            row = {"set": set_name, "layout": layout, **_time_layout(model, collator, micro_batches, real_tokens, lean, checkpointing)}
-            baseline = baseline or row["tokens_per_s"]
-            row["speedup"] = row["tokens_per_s"] / baseline
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-            "model": model_path, "num_crops": args.num_crops, "batch_size_per_gpu": per_gpu, "rows": rows}
+        for row in _measure_set(model, processor, samples, args.batch_size_per_gpu, args.max_packed_tokens, args.steps):
+            rows.append({"set": set_name, **row})
+            print(json.dumps(rows[-1]), flush=True)
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "model": model_path,
+            "attention": attention, "num_crops": args.num_crops, "batch_size_per_gpu": args.batch_size_per_gpu,
+            "rounds": args.steps, "rows": rows}
 
 
 def render_batching(report: dict) -> str:
     lines = [
         f"Padded vs packed micro-batches of {report['batch_size_per_gpu']} samples, num_crops {report['num_crops']}, "
-        f"{report['device']}, forward + backward",
+        f"{report['device']}, {report['attention']}, forward + backward, fastest of {report['rounds']} interleaved rounds",
         "",
         "| set | layout | tokens/s | vs padded | padding | peak memory (GiB) |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
