@@ -13,6 +13,7 @@ ratio to the padded row of the same set, from one run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -112,13 +113,20 @@ def _measure_set(model, processor, samples: list[Sample], per_gpu: int, max_pack
     batches = {packed: [{key: value.to(device) for key, value in collator(group).items()} for group in micro_batches]
                for packed, collator in collators.items()}
     for packed, lean, checkpointing in LAYOUTS.values():  # warm-up: one micro-batch of each layout
-        _seconds(model, batches[packed][:1], lean, checkpointing)
+        with contextlib.suppress(torch.OutOfMemoryError):
+            _seconds(model, batches[packed][:1], lean, checkpointing)
     rows = {layout: {"seconds": float("inf"), "peak_memory_gib": None} for layout in LAYOUTS}
     for _round in range(rounds):
         for layout, (packed, lean, checkpointing) in LAYOUTS.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds = _seconds(model, batches[packed], lean, checkpointing)
+            try:
+                seconds = _seconds(model, batches[packed], lean, checkpointing)
+            except torch.OutOfMemoryError:  # a row without checkpointing may not fit: reported, not fatal
+                model.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                rows[layout]["out_of_memory"] = True
+                continue
             rows[layout]["seconds"] = min(rows[layout]["seconds"], seconds)
             if device.type == "cuda":
                 rows[layout]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GIB
@@ -126,6 +134,11 @@ def _measure_set(model, processor, samples: list[Sample], per_gpu: int, max_pack
     for layout, (packed, _, _) in LAYOUTS.items():
         computed = sum(batch["input_ids"].numel() for batch in batches[packed])
         seconds = rows[layout]["seconds"]
+        if rows[layout].get("out_of_memory"):
+            result.append({"layout": layout, "tokens_per_s": None, "padding_fraction": 1 - real_tokens / computed,
+                           "peak_memory_gib": None, "tokens": real_tokens, "seconds": None, "speedup": None,
+                           "reason": "out of GPU memory"})
+            continue
         result.append({"layout": layout, "tokens_per_s": real_tokens / seconds,
                        "padding_fraction": 1 - real_tokens / computed, "peak_memory_gib": rows[layout]["peak_memory_gib"],
                        "tokens": real_tokens, "seconds": seconds,
@@ -162,6 +175,7 @@ def render_batching(report: dict) -> str:
     ]
     for row in report["rows"]:
         memory = f"{row['peak_memory_gib']:.2f}" if row["peak_memory_gib"] is not None else "n/a"
-        lines.append(f"| {row['set']} | {row['layout']} | {row['tokens_per_s']:.0f} | {row['speedup']:.2f}x | "
-                     f"{row['padding_fraction']:.1%} | {memory} |")
+        speed = (f"{row['tokens_per_s']:.0f} | {row['speedup']:.2f}x" if row["tokens_per_s"] is not None
+                 else f"{row['reason']} | -")
+        lines.append(f"| {row['set']} | {row['layout']} | {speed} | {row['padding_fraction']:.1%} | {memory} |")
     return "\n".join(lines)
