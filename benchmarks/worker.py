@@ -112,6 +112,7 @@ def measure(args, strategy: str, flash: bool, distributed: Distributed) -> dict:
     from transformers import AutoConfig
 
     from common.model_loading import load_processor_and_model, parameter_counts
+    from common.packing import train_collator
     from common.trainer import make_trainer
     from common.training_arguments import training_arguments
 
@@ -133,7 +134,8 @@ def measure(args, strategy: str, flash: bool, distributed: Distributed) -> dict:
 
     timer = StepTimer(args.warmup_steps, args.steps)
     make_trainer(
-        model, processor, train_args, dataset, training.max_length, callbacks=[timer], distributed=distributed
+        model, processor, train_args, dataset, train_collator(processor, training), callbacks=[timer],
+        distributed=distributed,
     ).train()
     allocated, reserved = peak_memory_gib(distributed.device)
 

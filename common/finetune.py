@@ -27,6 +27,7 @@ from .evaluation import evaluate
 from .logging_setup import setup_logging
 from .metrics import Metric
 from .model_loading import load_model, load_processor_and_model
+from .packing import train_collator
 from .plotting import plot_training_curves
 from .preemption import Interrupted, PreemptionCallback, StopSignals, report_and_exit, resume_command
 from .preview import run_preview
@@ -121,7 +122,7 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
         record_run(output_dir, identity, distributed)
         signals.activity = "the set-up of training"
         watch, task_evaluation = _evaluation_during_training(config, task, processor, eval_dataset, distributed)
-        trainer = make_trainer(model, processor, train_args, train_dataset, config.training.max_length,
+        trainer = make_trainer(model, processor, train_args, train_dataset, train_collator(processor, config.training),
                                keep_checkpoints=outputs.save_total_limit, callbacks=[preemption, *watch],
                                distributed=distributed, task_evaluation=task_evaluation)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

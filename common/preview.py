@@ -2,7 +2,9 @@
 them, written to OUTPUT_DIR/data_preview.jsonl without loading model weights.
 
 One JSON object per line: `{"split": "train", "id", "input_ids", "labels"}` for training samples (epoch 0's
-random draws, dataset order) and `{"split": "eval", "id", "input_ids"}` for evaluation prompts. Image spans
+random draws, dataset order) and `{"split": "eval", "id", "input_ids"}` for evaluation prompts; with
+--packing also `{"split": "train_pack", "micro_batch", "ids", "input_ids", "labels", "position_ids"}` per
+packed row of the first micro-batches. Image spans
 are the processor's placeholder ids (`-N` for a turn's image N). Users check their own data with it; the
 recipe's scripts give the same ids for the same rows.
 """
@@ -18,6 +20,7 @@ from .config import RunConfig
 from .data import SampleDataset
 from .distributed import Distributed
 from .model_loading import load_processor
+from .packing import describe_pack, pack_preview_records, train_collator
 
 PREVIEW_FILE = "data_preview.jsonl"
 
@@ -26,9 +29,16 @@ def run_preview(config: RunConfig, train: SampleDataset, evaluation: SampleDatas
     """--preview_samples: the samples as training and evaluation would build them; no weights, no training."""
     processor = load_processor(config.model)
     records = preview_records(processor, train, evaluation, config.preview_samples)
+    if config.training.packing:
+        first = [train[index] for index in range(min(config.preview_samples, len(train)))]
+        records += pack_preview_records(train_collator(processor, config.training), first,
+                                        config.training.batch_size_per_gpu)
     if distributed.is_main:
         path = write_preview(records, Path(config.outputs.output_dir))
         print(describe(processor.tokenizer, records[0]), flush=True)
+        for record in records:
+            if record["split"] == "train_pack":
+                print(describe_pack(record), flush=True)
         print(f"{len(records)} preview records written to {path}", flush=True)
 
 

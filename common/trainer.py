@@ -11,6 +11,7 @@ through the evaluation that follows.
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 from collections.abc import Callable
 
@@ -18,7 +19,6 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .checkpoints import ResumableTrainer
-from .collators import Phi3VTrainCollator
 from .data import DrawEpochCallback
 from .distributed import ONE_PROCESS, Distributed
 from .errors import UserError
@@ -54,17 +54,16 @@ class FinetuningTrainer(ResumableTrainer):
             raise NonFiniteLossError(self._non_finite_message(loss.detach().float().sum().item()))
         return result
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
-        """The step's samples on all processes, the divisor of the model's loss: each sample then weighs the same
-        in the step (its mean token loss), as in the recipe's one-sample micro-batches, whatever the micro-batch
-        size, gradient accumulation, packing or number of processes. (transformers counts label tokens here.)"""
-        if not batch_samples or "labels" not in batch_samples[0]:
-            return None
-        count = sum(samples_in_batch(batch["labels"], batch.get("position_ids")) for batch in batch_samples)
-        count = torch.tensor(count, device=device)
-        if self.args.world_size > 1:
-            count = self.accelerator.gather(count).sum()
-        return count
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The optimizer step's micro-batches, and the divisor of the model's loss: the step's samples on all
+        processes (transformers counts label tokens instead). Each sample then weighs the same in the step (its
+        mean token loss), as in the recipe's one-sample micro-batches, whatever the micro-batch size, gradient
+        accumulation, packing or number of processes."""
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        if not batches or "labels" not in batches[0]:
+            return batches, None
+        count = sum(samples_in_batch(batch["labels"], batch.get("position_ids")) for batch in batches)
+        return batches, torch.tensor(sum(self.distributed.gather(count)), device=device)
 
     def _non_finite_message(self, value: float) -> str:
         step = self.state.global_step + 1
@@ -80,15 +79,15 @@ class FinetuningTrainer(ResumableTrainer):
         )
 
 
-def make_trainer(model, processor, train_args: TrainingArguments, dataset, max_length: int | None,
+def make_trainer(model, processor, train_args: TrainingArguments, dataset, collator,
                  keep_checkpoints: int | None = None, callbacks=(), distributed: Distributed = ONE_PROCESS,
                  task_evaluation: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> FinetuningTrainer:
-    """The Trainer of a run and of the benchmark's workers, with the recipe's collator; the dataset draws anew
-    every epoch."""
+    """The Trainer of a run and of the benchmark's workers, with the run's collator (`train_collator`); the
+    dataset draws anew every epoch."""
     return FinetuningTrainer(
         model=model,
         args=train_args,
-        data_collator=Phi3VTrainCollator(processor, max_length),
+        data_collator=collator,
         train_dataset=dataset,
         processing_class=processor,  # saved with the model and in every checkpoint
         callbacks=[DrawEpochCallback(dataset), *callbacks],
