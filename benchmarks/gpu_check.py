@@ -4,7 +4,8 @@ benchmark's figures, as gpu_check.json and gpu_check.md in one folder.
     python -m benchmarks.gpu_check --out OUT --work WORK --mode gpu --step "environment=ok:95" \
         --step "flash-attn=not installed:3:reason"
 
-It reads WORK/gpu_tests.xml (pytest's JUnit XML) and WORK/benchmark/benchmark.json, whichever exist; a missing
+It reads WORK/gpu_tests.xml (pytest's JUnit XML), WORK/benchmark/benchmark.json and WORK/batching/batching.json
+(padded vs packed batches), whichever exist; a missing
 one is reported as not run. Nothing here invents a figure: a value that was not measured is absent.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.batching import render_batching
 from benchmarks.report import fmt, versions
 
 
@@ -159,12 +161,15 @@ def render_markdown(report: dict) -> str:
                 f"{fmt(row.get('images_per_s'), 2)} | {fmt(row.get('images_per_s_per_gpu'), 2)} | "
                 f"{fmt(row.get('mfu'), 3)} | {fmt(row.get('peak_mem_allocated_gib'), 1)} | {row.get('reason') or ''} |"
             )
+    lines += ["", "## Padded vs packed batches (`benchmark.py --batching`)", ""]
+    lines.append(render_batching(report["batching"]) if report["batching"] else "Not run.")
     return "\n".join(lines) + "\n"
 
 
 def build_report(work: Path, mode: str, steps: list[dict]) -> dict:
     tests = read_test_results(work / "gpu_tests.xml")
     bench = benchmark_rows(work / "benchmark" / "benchmark.json")
+    batching = work / "batching" / "batching.json"
     measured_tokens = [row["mean_tokens_per_sample"] for row in bench["rows"] if row.get("mean_tokens_per_sample")]
     return {
         "mode": mode,
@@ -175,6 +180,7 @@ def build_report(work: Path, mode: str, steps: list[dict]) -> dict:
         "setup": steps,
         "tests": tests,
         "benchmark": bench,
+        "batching": json.loads(batching.read_text()) if batching.exists() else None,
         "verdict": verdict(steps, tests, bench),
     }
 

@@ -78,7 +78,7 @@ write_report() {
     fi
     # every log, the test results and the benchmark's report and per-configuration logs (not its run folders)
     tar -czf "$OUT/gpu_check_logs.tar.gz" -C "$WORK" --exclude=benchmark/runs \
-        $(cd "$WORK" && ls -d logs gpu_tests.xml benchmark 2>/dev/null)
+        $(cd "$WORK" && ls -d logs gpu_tests.xml benchmark batching 2>/dev/null)
 }
 trap write_report EXIT
 
@@ -171,7 +171,7 @@ esac
 
 # ---- 3. benchmark -----------------------------------------------------------------------------------------
 step=$(date +%s)
-bench_budget=$(( $(left) - 20 ))  # keep time for the report
+bench_budget=$(( ($(left) - 20) * 70 / 100 ))  # the rest: padded vs packed batches, then the report
 say "benchmark -> logs/benchmark.log (budget ${bench_budget}s)"
 if [ "$MODE" = dry-run ]; then
     bench=(--tiny --num_crops 1 --batch_size 1 --strategies lora --flash off --steps 1 --warmup_steps 1
@@ -193,6 +193,26 @@ case $status in
     0) record benchmark ok "$step" ;;
     124) record benchmark "timed out" "$step" "after ${bench_budget}s (rows so far are in the report)" ;;
     *) record benchmark failed "$step" "exit $status, see benchmark.log" ;;
+esac
+
+# ---- 4. padded vs packed batches (same model, same samples) ------------------------------------------------
+step=$(date +%s)
+batching_budget=$(( $(left) - 20 ))
+say "padded vs packed batches -> logs/batching.log (budget ${batching_budget}s)"
+if [ "$MODE" = dry-run ]; then
+    batching=(--tiny --num_crops 1 --batch_size_per_gpu 2 --steps 1)
+else
+    batching=(--random_init --batch_size_per_gpu 4 --steps 2)
+    "$PY" -c "from transformers.utils import is_flash_attn_2_available as a; assert a()" 2>/dev/null \
+        && batching+=(--use_flash_attention)
+fi
+timeout "$batching_budget" "$PY" benchmark.py --batching "${batching[@]}" --output_dir "$WORK/batching" \
+    --cache_dir "$WORK/cache" >"$LOGS/batching.log" 2>&1
+status=$?
+case $status in
+    0) record batching ok "$step" ;;
+    124) record batching "timed out" "$step" "after ${batching_budget}s" ;;
+    *) record batching failed "$step" "exit $status, see batching.log" ;;
 esac
 [ "$MODE" = gpu ] && rm -rf "$WORK/cache"  # the 8 GB random checkpoint
 say "done"

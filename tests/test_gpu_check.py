@@ -58,6 +58,15 @@ def test_dry_run_benchmark_row_is_measured(dry_run):
     assert dry_run["json"]["verdict"] == "pass"
 
 
+def test_dry_run_measures_padded_and_packed_batches(dry_run):
+    assert {step["name"]: step["status"] for step in dry_run["json"]["setup"]}["batching"] == "ok"
+    rows = dry_run["json"]["batching"]["rows"]
+    assert {row["layout"] for row in rows} >= {"padded", "packed"}
+    assert all(row["tokens_per_s"] > 0 for row in rows)
+    assert "## Padded vs packed batches (`benchmark.py --batching`)" in dry_run["md"]
+    assert "| mixed lengths | packed |" in dry_run["md"]
+
+
 def test_dry_run_markdown(dry_run):
     md = dry_run["md"]
     assert md.startswith("# GPU check (dry-run): PASS")
@@ -103,7 +112,8 @@ def test_markdown_never_invents_figures():
               "device": {"cuda": False, "name": "CPU (no CUDA GPU)", "count": 0},
               "tests": {"ran": False, "counts": {}, "tests": []},
               "benchmark": {"ran": True, "model": "m", "rows": [
-                  {"method": "QLoRA", "flash_attention": True, "status": "error", "reason": "CUDA out of memory"}]}}
+                  {"method": "QLoRA", "flash_attention": True, "status": "error", "reason": "CUDA out of memory"}]},
+              "batching": None}
     md = render_markdown(report)
     assert "| QLoRA | yes | error | n/a | n/a | n/a | n/a | CUDA out of memory |" in md
     assert "Not run." in md
