@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None):
                 distributed.world_size, precision.describe())
     processor, model = load_for_inference(source, precision, distributed.device, args.num_crops)
     answers = answer(model, processor, dataset, args.batch_size, args.max_new_tokens, args.tqdm, distributed, precision)
+    distributed.finished()
     if not distributed.is_main:
         return answers
     if args.prompt is not None:

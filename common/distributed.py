@@ -87,6 +87,14 @@ class Distributed:
         dist.all_gather_object(gathered, value)
         return gathered
 
+    def finished(self) -> None:
+        """Leave the run together: wait for every rank, then close the process group. A torchrun worker that exits
+        with its gloo group open can abort while the interpreter shuts down ("terminate called without an
+        active exception": the group's threads outlive it), turning a finished run into a failed one."""
+        if self._in_process_group:
+            dist.barrier()
+            dist.destroy_process_group()
+
     def agree_max(self, value: int) -> int:
         """The largest of every rank's `value`, the same on every rank; every rank must call it."""
         if not self._in_process_group:

@@ -64,7 +64,9 @@ def run_finetuning(task: Task, config: RunConfig, distributed: Distributed) -> d
     task = task.scored_by(config.evaluation.metric)
     with StopSignals(distributed) as signals:
         try:
-            return _finetune(task, config, signals)
+            results = _finetune(task, config, signals)
+            distributed.finished()
+            return results
         except Interrupted:
             _report_interruption(config.outputs, signals)
         except torch.distributed.DistError:

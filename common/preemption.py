@@ -184,5 +184,5 @@ def report_and_exit(line: str, signum: int, distributed: Distributed, synchroniz
         print(line, file=sys.stderr, flush=True)
     if synchronize:
         with contextlib.suppress(Exception):  # a peer already gone: it stopped too, and this rank is done
-            distributed.barrier()
+            distributed.finished()
     raise SystemExit(exit_status(signum))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,29 @@ def test_deepspeed_under_plain_python_gets_a_rendezvous_and_a_gloo_state():
     assert probe["identity"] == [0, 1, "cpu"]
     assert probe["configured"] is True
     assert probe["state"] == ["DistributedType.DEEPSPEED", "gloo", 1]
+
+
+FINISH_PROBE = """
+import torch.distributed as dist
+from common.distributed import start_distributed
+
+distributed = start_distributed(uses_deepspeed=False)
+assert distributed.gather(distributed.rank) == [0, 1]  # the group works
+distributed.finished()
+print("closed" if not dist.is_initialized() else "still open", flush=True)
+"""
+
+
+def test_finished_closes_the_process_group_of_a_torchrun_run(tmp_path):
+    """Under torchrun (gloo, two processes): after `finished` no process group is left for the interpreter's exit."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(FINISH_PROBE)
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           str(probe)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["closed", "closed"]
