@@ -99,4 +99,4 @@ def test_finished_closes_the_process_group_of_a_torchrun_run(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                            str(probe)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["closed", "closed"]
+    assert done.stdout.count("closed") == 2 and "still open" not in done.stdout  # the ranks' lines may interleave
