@@ -169,6 +169,21 @@ case $status in
     *) record gpu-tests failed "$step" "pytest exit $status" ;;
 esac
 
+# run_benchmark NAME BUDGET STEP_START TIMED_OUT_DETAIL ARGS...: benchmark.py ARGS into WORK/NAME, logged to
+# logs/NAME.log and recorded as the step NAME
+run_benchmark() {
+    local name=$1 budget=$2 started=$3 timed_out=$4 status
+    shift 4
+    timeout "$budget" "$PY" benchmark.py "$@" --output_dir "$WORK/$name" --cache_dir "$WORK/cache" \
+        >"$LOGS/$name.log" 2>&1
+    status=$?
+    case $status in
+        0) record "$name" ok "$started" ;;
+        124) record "$name" "timed out" "$started" "$timed_out" ;;
+        *) record "$name" failed "$started" "exit $status, see $name.log" ;;
+    esac
+}
+
 # ---- 3. benchmark -----------------------------------------------------------------------------------------
 step=$(date +%s)
 bench_budget=$(( ($(left) - 20) * 70 / 100 ))  # the rest: padded vs packed batches, then the report
@@ -186,14 +201,7 @@ else
     bench=(--random_init --strategies "$strategies" --flash auto --batch_size 8 --steps 2
            --warmup_steps 1 --data_samples 2 --num_pages 2 --config_timeout $(( (bench_budget - 60) / count )))
 fi
-timeout "$bench_budget" "$PY" benchmark.py "${bench[@]}" --output_dir "$WORK/benchmark" \
-    --cache_dir "$WORK/cache" >"$LOGS/benchmark.log" 2>&1
-status=$?
-case $status in
-    0) record benchmark ok "$step" ;;
-    124) record benchmark "timed out" "$step" "after ${bench_budget}s (rows so far are in the report)" ;;
-    *) record benchmark failed "$step" "exit $status, see benchmark.log" ;;
-esac
+run_benchmark benchmark "$bench_budget" "$step" "after ${bench_budget}s (rows so far are in the report)" "${bench[@]}"
 
 # ---- 4. padded vs packed batches (same model, same samples) ------------------------------------------------
 step=$(date +%s)
@@ -206,13 +214,6 @@ else
     "$PY" -c "from transformers.utils import is_flash_attn_2_available as a; assert a()" 2>/dev/null \
         && batching+=(--use_flash_attention)
 fi
-timeout "$batching_budget" "$PY" benchmark.py --batching "${batching[@]}" --output_dir "$WORK/batching" \
-    --cache_dir "$WORK/cache" >"$LOGS/batching.log" 2>&1
-status=$?
-case $status in
-    0) record batching ok "$step" ;;
-    124) record batching "timed out" "$step" "after ${batching_budget}s" ;;
-    *) record batching failed "$step" "exit $status, see batching.log" ;;
-esac
+run_benchmark batching "$batching_budget" "$step" "after ${batching_budget}s" --batching "${batching[@]}"
 [ "$MODE" = gpu ] && rm -rf "$WORK/cache"  # the 8 GB random checkpoint
 say "done"
