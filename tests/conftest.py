@@ -1,5 +1,6 @@
-"""Shared fixtures: the Phi-3-V reference fixture and a tiny model written once per session."""
+"""Shared fixtures: the Phi-3-V reference fixture, a tiny model written once per session, a headless browser."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from common.tiny_model import write_tiny_phi3v
 
     return write_tiny_phi3v(tmp_path_factory.mktemp("tiny_phi3v") / "model", seed=0, num_crops=4)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium (Debian's, scripts/setup_browser.sh installs it) driven by Playwright; a page test
+    opens its own page with `browser.new_page()` and closes it."""
+    from playwright.sync_api import sync_playwright
+
+    executable = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=executable, headless=True,
+            # no sandbox as root; no background connections on a machine without network
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-quic"],
+        )
+        yield chromium
+        chromium.close()
 
 
 def pytest_collection_modifyitems(config, items):
