@@ -3,6 +3,7 @@
     python predict.py --model output/ --image page.png --prompt "What is the total amount?"
     python predict.py --model output/ --data_file data/docs_val.jsonl --output predictions.jsonl --metric anls
     torchrun --nproc_per_node=4 predict.py --model output/checkpoint-500 --data_file questions.jsonl --output answers.jsonl
+    python predict.py --model output/ --serve --port 8000   # OpenAI-compatible API and a chat page (docs/serving.md)
 
 --model: a run's --output_dir (full weights, or a LoRA/QLoRA adapter on the base model its config names;
 --base_model overrides), a checkpoint-N/ or merged/ folder, an official model folder or a hub id.
@@ -31,6 +32,7 @@ from common.inference import (
 from common.logging_setup import setup_logging
 from common.metrics import METRICS
 from common.precision import resolve_precision
+from common.serving.options import add_serving_flags, serving_config, serving_problems
 
 logger = logging.getLogger("predict")
 
@@ -53,12 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_flash_attention", action="store_true", help="flash_attention_2 (needs --bf16)")
     parser.add_argument("--no-tqdm", dest="tqdm", action="store_false", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="also show the libraries' log lines")
+    add_serving_flags(parser)
     return parser
 
 
 def usage_problems(args: argparse.Namespace) -> list[str]:
-    problems = []
-    if (args.prompt is None) == (args.data_file is None):
+    problems = serving_problems(args)
+    if not args.serve and (args.prompt is None) == (args.data_file is None):
         problems.append("give either --prompt (with its --image files) or --data_file")
     if args.data_file is not None and (args.image or not args.output):
         problems.append("--data_file takes --output (where the answers go), not --image")
@@ -79,6 +82,10 @@ def main(argv: list[str] | None = None):
     setup_logging(distributed, args.verbose)
     precision = resolve_precision(args.bf16, args.use_flash_attention, local_rank=distributed.local_rank)
     source = locate_model(args.model, args.base_model)
+    if args.serve:
+        from common.serving.app import serve  # the web stack loads only to serve
+
+        return serve(serving_config(args), source, precision, distributed)
     dataset = prompt_dataset(args.prompt, args.image) if args.prompt is not None else file_dataset(
         args.data_file, args.image_folder)
     distributed = distributed.started(uses_deepspeed=False).joined()

@@ -24,6 +24,20 @@ from .metrics import Metric
 logger = logging.getLogger(__name__)
 
 
+def answer_generation_options(tokenizer) -> dict:
+    """`generate` options of every answer (evaluation, predict.py, the server): greedy, with the KV cache, ending
+    at Phi-3's `<|end|>` or at the end of text."""
+    return {
+        "do_sample": False, "use_cache": True, "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": [tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id],
+    }
+
+
+def decode_answers(tokenizer, answer_ids) -> list[str]:
+    """The text of generated token ids (the prompt cut off), special tokens dropped."""
+    return tokenizer.batch_decode(answer_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 @torch.no_grad()
 def generate_predictions(
     model, processor, dataset: SampleDataset, batch_size: int, max_new_tokens: int, num_workers: int = 0,
@@ -35,8 +49,7 @@ def generate_predictions(
         dataset.subset(shard), batch_size=batch_size, collate_fn=Phi3VEvalCollator(processor),
         num_workers=num_workers, shuffle=False,
     )
-    tokenizer = processor.tokenizer
-    stop_ids = [tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id]
+    options = answer_generation_options(processor.tokenizer)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -44,13 +57,8 @@ def generate_predictions(
     for batch in tqdm(loader, desc="generating", disable=not distributed.is_main or not show_progress):
         ids, references = batch.pop("ids"), batch.pop("references")
         inputs = {key: value.to(device) for key, value in batch.items()}
-        output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-            eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
-        )
-        texts = processor.batch_decode(
-            output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, **options)
+        texts = decode_answers(processor.tokenizer, output[:, inputs["input_ids"].shape[1]:])
         for sample_id, text, refs in zip(ids, texts, references, strict=True):
             records.append({"index": shard[position], "id": sample_id, "prediction": text, "references": refs})
             position += 1

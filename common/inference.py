@@ -52,13 +52,13 @@ def _has_processor(folder: Path) -> bool:
     return any((folder / name).is_file() for name in PROCESSOR_FILES)
 
 
-def locate_model(path: str, base_model: str | None = None) -> ModelSource:
+def locate_model(path: str, base_model: str | None = None, flag: str = "--model") -> ModelSource:
     """What `path` holds; a UserError names a folder that holds no model, or an adapter's base that is not here.
-    `base_model` replaces the base an adapter's config names."""
+    `base_model` replaces the base an adapter's config names; `flag` is the one that gave `path`."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         if folder.exists() or path.startswith((".", "/", "~")) or path.endswith("/") or path.count("/") > 1:
-            raise UserError(f"--model {path}: no such folder; give a run's output folder, a checkpoint-N folder, "
+            raise UserError(f"{flag} {path}: no such folder; give a run's output folder, a checkpoint-N folder, "
                             "a merged folder or a hub model id")
         return ModelSource(path, None, path)  # a hub id
     if (folder / ADAPTER_CONFIG).is_file():
@@ -69,7 +69,7 @@ def locate_model(path: str, base_model: str | None = None) -> ModelSource:
     checkpoints = checkpoint_folders(folder)
     hint = (f"; it holds checkpoints (the run ended before its final save?): give one, e.g. {checkpoints[-1]}"
             if checkpoints else "")
-    raise UserError(f"--model {path} holds no model ({MODEL_CONFIG} or {ADAPTER_CONFIG}){hint}")
+    raise UserError(f"{flag} {path} holds no model ({MODEL_CONFIG} or {ADAPTER_CONFIG}){hint}")
 
 
 def _adapter_base(folder: Path) -> str:
