@@ -50,7 +50,7 @@ def serving_problems(args: argparse.Namespace) -> list[str]:
     """What is wrong with the serving flags (and, with --serve, with the one-shot flags given beside it)."""
     if not args.serve:
         given = [f"--{flag}" for flag in SERVE_ONLY_FLAGS if getattr(args, flag) is not None]
-        return [f"{', '.join(given)} go(es) with --serve"] if given else []
+        return [f"only with --serve: {', '.join(given)}"] if given else []
     problems = []
     if args.prompt is not None or args.image or args.data_file is not None or args.output is not None:
         problems.append("--serve answers over HTTP: leave out --prompt, --image, --data_file and --output")

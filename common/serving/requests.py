@@ -106,7 +106,7 @@ def parse_request(body: bytes) -> ChatRequest:
     if isinstance(request.stop, list) and len(request.stop) > MAX_STOP_STRINGS:
         raise ApiError(400, f"stop: at most {MAX_STOP_STRINGS} strings, got {len(request.stop)}", "stop")
     if request.messages[-1].role != "user":
-        raise ApiError(400, "the last message must be the user's question (role 'user')", "messages")
+        raise ApiError(400, "messages: the last message must be the user's question (role 'user')", "messages")
     return request
 
 
