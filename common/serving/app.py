@@ -125,7 +125,7 @@ def create_app(engine: Engine, config: ServingConfig) -> FastAPI:
         try:
             completion = await job.completion()
         finally:
-            job.cancel()  # a client that went away before its answer frees the queue
+            job.cancel()  # this wait was cancelled (the server stopping): nothing more to generate
         return _response(job, completion)
 
     return app

@@ -6,8 +6,10 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..inference import ModelSource, locate_model
+if TYPE_CHECKING:  # predict.py imports this module at start-up: no torch for --help
+    from ..inference import ModelSource
 
 API_KEY_VARIABLE = "PHI3V_API_KEY"  # the key without --api_key (not shown by `ps`, unlike a flag)
 SERVE_ONLY_FLAGS = ("api_key", "allowed_local_media_path", "compare", "max_model_len")
@@ -71,6 +73,8 @@ def serving_problems(args: argparse.Namespace) -> list[str]:
 
 def serving_config(args: argparse.Namespace) -> ServingConfig:
     """The server's configuration from checked flags; a UserError names a --compare that holds no model."""
+    from ..inference import locate_model
+
     folder = args.allowed_local_media_path
     return ServingConfig(
         host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_VARIABLE) or None,
