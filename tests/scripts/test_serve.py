@@ -37,7 +37,7 @@ def write_adapter(base: Path, folder: Path) -> Path:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_LORA_TARGETS, init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(folder)
+    get_peft_model(model, config).save_pretrained(folder, save_embedding_layers=False)
     return folder
 
 
