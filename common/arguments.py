@@ -99,7 +99,7 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
                       help="local copy of the task's dataset (save_to_disk folder, parquet or jsonl) instead of the hub")
     data.add_argument("--data_dir", default=None,
                       help="folder of conversation files (.json/.jsonl: generic, LLaVA/ShareGPT or chat messages, "
-                           "detected per file); *_val* (else *_eval*, else *_test*) files evaluate (see README)")
+                           "detected per file); *_val* (else *_eval*, else *_test*) files evaluate (see docs/data.md)")
     data.add_argument("--train_file", default=None,
                       help="one conversation file to train on (generic, LLaVA/ShareGPT or chat messages)")
     data.add_argument("--eval_file", default=None,
