@@ -22,6 +22,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from .config import RunConfig
 from .distributed import Distributed
+from .strategy import TrainingStrategy
 from .task import Task
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class TrainedModel:
     task: str
     base_model: str
     adapter: dict | None  # adapter_config.json of a LoRA/QLoRA output, None for full weights
-    strategy: str
+    strategy: TrainingStrategy
     precision: str
     data: str  # where the data came from, in words
     datasets: tuple[str, ...]  # hub dataset ids, where the data came from the hub
@@ -85,7 +86,7 @@ def model_card(model: TrainedModel, merged: bool = False) -> ModelCard:
     is_adapter = model.adapter is not None and not merged
     tags = ["phi3_v", "vision", "multimodal", model.task.lower().replace(" ", "-")]
     if model.adapter is not None:
-        tags += ["qlora" if "QLoRA" in model.strategy else "lora"] + (["merged"] if merged else [])
+        tags += ["qlora" if model.strategy.quantize_4bit else "lora"] + (["merged"] if merged else [])
     data = ModelCardData(
         base_model=model.base_model,
         library_name="peft" if is_adapter else "transformers",
@@ -124,12 +125,12 @@ def _summary(model: TrainedModel, is_adapter: bool, merged: bool) -> str:
             else f"[{model.base_model}](https://huggingface.co/{model.base_model})")
     trained = f"on {model.task} with the Hugging Face Trainer, following Microsoft's Phi-3.5-vision finetuning recipe"
     if is_adapter:
-        what = f"A {model.strategy} adapter for {base}, trained {trained}."
+        what = f"A {model.strategy.name} adapter for {base}, trained {trained}."
     elif merged:
-        what = (f"{base} with a {model.strategy} adapter merged into its weights (the adapter is the parent folder's), "
+        what = (f"{base} with a {model.strategy.name} adapter merged into its weights (the adapter is the parent folder's), "
                 f"trained {trained}.")
     else:
-        what = f"{base} finetuned {trained} ({model.strategy})."
+        what = f"{base} finetuned {trained} ({model.strategy.name})."
     return f"# {model.name}\n\n{what}"
 
 
@@ -139,7 +140,7 @@ def _what_was_trained(model: TrainedModel) -> str:
         ("data", model.data),
         ("training samples", f"{model.train_samples:,}"),
         ("evaluation samples", f"{model.scores.eval_samples:,}"),
-        ("strategy", model.strategy),
+        ("strategy", model.strategy.name),
         ("precision", model.precision),
         *((f"`--{flag}`", value) for flag, value in model.hyperparameters.items()),
         ("optimizer steps", f"{model.steps:,} of {model.max_steps:,}"),
@@ -261,7 +262,7 @@ def describe_run(task: Task, config: RunConfig, distributed: Distributed, train_
         task=task.name,
         base_model=base_model_id(config.model.name_or_path),
         adapter=_read_json(output_dir / "adapter_config.json") if config.strategy.lora else None,
-        strategy=config.strategy.name,
+        strategy=config.strategy,
         precision=config.precision.describe(),
         data=f"`{local_data}` (local)" if local_data else ", ".join(f"`{name}`" for name in datasets) or "the hub",
         datasets=datasets,

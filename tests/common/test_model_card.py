@@ -122,7 +122,7 @@ def test_the_cards_replace_any_readme_and_are_what_push_to_hub_uploads(tmp_path)
     output_dir = finished_output(tmp_path / "run", adapter=True)
     (output_dir / "README.md").write_text("---\nlibrary_name: peft\n---\nPEFT's template\n")
     (output_dir / "merged").mkdir()
-    model = described(output_dir, "microsoft/Phi-3.5-vision-instruct", "--use_lora", "--merge")
+    model = described(output_dir, "microsoft/Phi-3.5-vision-instruct", "--use_qlora", "--merge")
     assert write_model_cards(model, output_dir, merged=True) == [output_dir / "README.md",
                                                                   output_dir / "merged" / "README.md"]
     assert not list(output_dir.rglob("*.tmp"))
@@ -144,3 +144,4 @@ def test_the_cards_replace_any_readme_and_are_what_push_to_hub_uploads(tmp_path)
     assert hub.created == ("run", True)  # the Trainer's default repository: the output folder's name
     assert hub.uploaded == ("me/run", output_dir, ["_*", "checkpoint-*"])
     assert hub.card.data.library_name == "peft" and hub.card.data.eval_results[0].metric_value == 0.75
+    assert "qlora" in hub.card.data.tags and "A QLoRA adapter for" in hub.card.text
