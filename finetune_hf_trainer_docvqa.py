@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from common.arguments import build_parser
 from common.cli import main_guard
 from common.config import DataConfig
-from common.data import Sample, SampleDataset, Turn, base_dir_of, first_images, load_split
+from common.data import THE_CAULDRON, Sample, SampleDataset, Turn, base_dir_of, first_images, load_split
 from common.errors import UserError
 from common.finetune import run_script
 from common.metrics import ANLS
@@ -71,7 +71,7 @@ def load_docvqa(data: DataConfig, options: DocVQAOptions) -> tuple[SampleDataset
     if eval_path and not os.path.exists(eval_path):
         raise UserError(f"--eval_dataset_path {eval_path} does not exist")
     if options.full_train:
-        train_rows = load_split("HuggingFaceM4/the_cauldron", "docvqa", "train", data.dataset_path)
+        train_rows = load_split(THE_CAULDRON, "docvqa", "train", data.dataset_path)
         train = SampleDataset(train_rows, cauldron_train_sample, base_dir_of(data.dataset_path), data.seed)
     else:
         train_rows = load_split(MINI, None, "train", data.dataset_path)
@@ -83,7 +83,14 @@ def load_docvqa(data: DataConfig, options: DocVQAOptions) -> tuple[SampleDataset
     return train, SampleDataset(eval_rows, eval_sample, base_dir_of(eval_path))
 
 
-TASK = Task("DocVQA", ANLS, load_docvqa, DocVQAOptions)
+def hub_datasets(options: DocVQAOptions) -> tuple[str, ...]:
+    """The hub datasets of a run without local data; with a local evaluation copy the card names none."""
+    if options.eval_dataset_path:
+        return ()
+    return (THE_CAULDRON, MINI) if options.full_train else (MINI,)
+
+
+TASK = Task("DocVQA", ANLS, load_docvqa, DocVQAOptions, hub_datasets=hub_datasets)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

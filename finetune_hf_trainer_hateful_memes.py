@@ -21,7 +21,7 @@ import random
 from common.arguments import build_parser
 from common.cli import main_guard
 from common.config import DataConfig
-from common.data import Sample, Turn, first_images, load_cauldron_splits
+from common.data import THE_CAULDRON, Sample, Turn, first_images, load_cauldron_splits
 from common.finetune import run_script
 from common.metrics import ACCURACY
 from common.task import Task
@@ -37,7 +37,7 @@ def load_memes(data: DataConfig, options: None):
     return load_cauldron_splits("hateful_memes", data.dataset_path, data.eval_size, meme_sample, meme_sample)
 
 
-TASK = Task("Hateful Memes", ACCURACY, load_memes)
+TASK = Task("Hateful Memes", ACCURACY, load_memes, hub_datasets=lambda options: (THE_CAULDRON,))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

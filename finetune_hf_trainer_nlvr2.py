@@ -22,7 +22,7 @@ import random
 from common.arguments import build_parser
 from common.cli import main_guard
 from common.config import DataConfig
-from common.data import Sample, Turn, first_images, load_cauldron_splits
+from common.data import THE_CAULDRON, Sample, Turn, first_images, load_cauldron_splits
 from common.finetune import run_script
 from common.metrics import ACCURACY
 from common.task import Task
@@ -46,7 +46,8 @@ def load_nlvr2(data: DataConfig, options: None):
     return load_cauldron_splits("nlvr2", data.dataset_path, data.eval_size, conversation, first_question)
 
 
-TASK = Task("NLVR2", ACCURACY, load_nlvr2, flash_attention_implies_bf16=True)  # as the recipe's NLVR2 script
+TASK = Task("NLVR2", ACCURACY, load_nlvr2, flash_attention_implies_bf16=True,  # as the recipe's NLVR2 script
+            hub_datasets=lambda options: (THE_CAULDRON,))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

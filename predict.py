@@ -7,7 +7,7 @@
 
 --model: a run's --output_dir (full weights, or a LoRA/QLoRA adapter on the base model its config names;
 --base_model overrides), a checkpoint-N/ or merged/ folder, an official model folder or a hub id.
---data_file: a conversation file in any of the training formats (README, Data), the last question's answer
+--data_file: a conversation file in any of the training formats (docs/data.md), the last question's answer
 optional; a conversation is asked as the evaluation asks it. Writes {"id", "prediction", "reference"} per line in input
 order, and prints the metric over the samples that have a reference. Run with the training run's --bf16 /
 --use_flash_attention to get its evaluation's answers exactly.

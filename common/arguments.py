@@ -99,7 +99,7 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
                       help="local copy of the task's dataset (save_to_disk folder, parquet or jsonl) instead of the hub")
     data.add_argument("--data_dir", default=None,
                       help="folder of conversation files (.json/.jsonl: generic, LLaVA/ShareGPT or chat messages, "
-                           "detected per file); *_val* (else *_eval*, else *_test*) files evaluate (see README)")
+                           "detected per file); *_val* (else *_eval*, else *_test*) files evaluate (see docs/data.md)")
     data.add_argument("--train_file", default=None,
                       help="one conversation file to train on (generic, LLaVA/ShareGPT or chat messages)")
     data.add_argument("--eval_file", default=None,
@@ -134,6 +134,11 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
                        help="stop after P evaluations during training without improvement")
     data.add_argument("--merge", action="store_true",
                       help="after LoRA training, also write a merged standalone checkpoint to output_dir/merged")
+    data.add_argument("--push_to_hub", action="store_true",
+                      help="push to the Hugging Face Hub as the Trainer does (every save), then the finished "
+                           "output_dir with its model card (needs a token: `hf auth login` or HF_TOKEN)")
+    data.add_argument("--hub_model_id", default=None,
+                      help="the hub repository to push to, NAME or USER/NAME (default: the output folder's name)")
     parser.set_defaults(**defaults)
     return parser
 
@@ -254,6 +259,7 @@ def _problems(args: argparse.Namespace, processes: int) -> list[str]:
     if args.merge and not use_lora:
         problems.append("--merge only applies to LoRA/QLoRA runs (full finetuning already saves a full model)")
     problems.extend(_data_source_problems(args))
+    problems.extend(_hub_problems(args))
     for flag in ("dataset_path", "data_dir", "deepspeed"):
         path = getattr(args, flag)
         if path and not os.path.exists(path):
@@ -269,6 +275,20 @@ def _problems(args: argparse.Namespace, processes: int) -> list[str]:
         problems.append(f"--output_dir {args.output_dir} is a file, not a folder: give a folder path")
     if problem := _model_path_problem(args.model_name_or_path):
         problems.append(problem)
+    return problems
+
+
+def _hub_problems(args: argparse.Namespace) -> list[str]:
+    """--push_to_hub needs the hub and a token, found before training rather than at the first push."""
+    if not args.push_to_hub:
+        return ["--hub_model_id only applies with --push_to_hub"] if args.hub_model_id else []
+    from huggingface_hub import constants, get_token  # imported only here: --help stays light
+
+    problems = []
+    if constants.HF_HUB_OFFLINE:
+        problems.append("--push_to_hub needs the hub, but HF_HUB_OFFLINE is set")
+    if get_token() is None:
+        problems.append("--push_to_hub needs a Hugging Face token: log in with `hf auth login` or set HF_TOKEN")
     return problems
 
 

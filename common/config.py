@@ -97,6 +97,8 @@ class OutputConfig:
     save_total_limit: int | None
     resume_from_checkpoint: str | None  # a checkpoint folder, RESUME_LATEST, or None (automatic resume)
     merge: bool  # also write output_dir/merged after LoRA training
+    push_to_hub: bool = False  # the Trainer's pushes, then the finished output_dir with its model card
+    hub_model_id: str | None = None  # the repository pushed to (default: the output folder's name)
 
 
 @dataclass(frozen=True)

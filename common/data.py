@@ -165,6 +165,7 @@ class DrawEpochCallback(TrainerCallback):
 # ---- hub datasets and their local copies -------------------------------------------------------------
 
 _FILE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+THE_CAULDRON = "HuggingFaceM4/the_cauldron"  # hateful memes, NLVR2 and DocVQA --full_train
 
 
 def load_split(hub_id: str, subset: str | None, split: str, dataset_path: str | None = None) -> datasets.Dataset:
@@ -221,7 +222,7 @@ def load_cauldron_splits(subset: str, dataset_path: str | None, eval_size: int, 
     `eval_size` rows are held out for evaluation (`train[:eval_size]`), the rest train, as the recipe.
     Rows: `images` (list) and `texts` ([{"user", "assistant"}, ...]). Its samples draw nothing at random
     (the recipe's hateful memes and NLVR2 scripts take every row as it is)."""
-    rows = load_split("HuggingFaceM4/the_cauldron", subset, "train", dataset_path)
+    rows = load_split(THE_CAULDRON, subset, "train", dataset_path)
     held_out = min(eval_size, len(rows))
     base_dir = base_dir_of(dataset_path)
     # lists, not ranges: datasets rejects an empty range that starts at the end

@@ -26,6 +26,7 @@ from .errors import UserError
 from .evaluation import evaluate
 from .logging_setup import setup_logging
 from .metrics import Metric
+from .model_card import publish_run
 from .model_loading import load_model, load_processor_and_model
 from .packing import train_collator
 from .plotting import plot_training_curves
@@ -167,8 +168,10 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
         results["after"] = _evaluate_and_report(
             model, processor, task, eval_dataset, output_dir / "eval_after.json", "after", evaluation, distributed
         )
-    if outputs.merge and distributed.is_main:
-        _write_merged(model, processor, output_dir)
+    if distributed.is_main:
+        if outputs.merge:
+            _write_merged(model, processor, output_dir)
+        publish_run(task, config, distributed, len(train_dataset), len(eval_dataset))
     return results
 
 

@@ -23,7 +23,7 @@ class Task:
     """A name for messages, the metric and the (train, eval) datasets, loaded from the run's `DataConfig` and
     the task's own flags (an instance of `options`, a frozen dataclass whose fields are the flags the script
     adds; None without). A task whose data only comes as conversations (common/formats: --data_dir,
-    --train_file) has no loader of its own. `flash_attention_implies_bf16`: --use_flash_attention turns --bf16
+    --train_file) has no loader of its own, and no `hub_datasets`. `flash_attention_implies_bf16`: --use_flash_attention turns --bf16
     on, as the recipe's NLVR2 and UCF-101 scripts do (the others refuse flash attention without --bf16)."""
 
     name: str
@@ -31,6 +31,8 @@ class Task:
     load_datasets: Callable[[DataConfig, Any], tuple[SampleDataset, SampleDataset]] | None = None
     options: type | None = None
     flash_attention_implies_bf16: bool = False
+    # the hub datasets the loader reads given the task's options, the evaluation's last (the model card's `datasets`)
+    hub_datasets: Callable[[Any], tuple[str, ...]] = lambda options: ()
 
     def scored_by(self, metric: str | None) -> Task:
         """The task with --metric's metric instead of its own (None, or its own metric's name: unchanged)."""

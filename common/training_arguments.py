@@ -76,4 +76,6 @@ def training_arguments(
         seed=training.seed,
         logging_nan_inf_filter=False,  # a NaN/inf loss stops the run (FinetuningTrainer); never log it as the mean
         accelerator_config={"use_configured_state": True} if distributed.accelerate_state_configured else None,
+        push_to_hub=outputs.push_to_hub,
+        hub_model_id=outputs.hub_model_id,
     )

@@ -55,5 +55,5 @@ def _pieces(content: Any, where: str) -> tuple[str, ...]:
     return tuple(pieces)
 
 
-NAME = "chat messages"  # as error messages and the README call it
+NAME = "chat messages"  # as error messages and docs/data.md call it
 SHAPE = '{"messages": [{"role": "user" | "assistant", "content": ...}], "images": [...]}'  # a record, for the error on a file of no known format

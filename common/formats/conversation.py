@@ -63,7 +63,7 @@ ResolveImage = Callable[[Any], Any]
 
 @dataclass(frozen=True)
 class ConversationFormat:
-    name: str  # as error messages and the README call it
+    name: str  # as error messages and docs/data.md call it
     shape: str  # what a record looks like, for the error on a file of no known format
     matches: Callable[[dict], bool]  # whether a record is in this format (from its keys alone)
     # record, its id if it has none, image resolver, answered (False: the last question may lack its answer)

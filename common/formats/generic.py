@@ -58,5 +58,5 @@ def _pieces(text: str, where: str) -> tuple[str, ...]:
     return tuple(parts[::2])
 
 
-NAME = "generic"  # as error messages and the README call it
+NAME = "generic"  # as error messages and docs/data.md call it
 SHAPE = '{"conversations": [{"images": [...], "user": "...", "assistant": "..."}]}'  # a record, for the error on a file of no known format

@@ -36,5 +36,5 @@ def read(record: dict, default_id: str, resolve: ResolveImage, answered: bool = 
                         answered)
 
 
-NAME = "LLaVA/ShareGPT"  # as error messages and the README call it
+NAME = "LLaVA/ShareGPT"  # as error messages and docs/data.md call it
 SHAPE = '{"image": ..., "conversations": [{"from": "human" | "gpt", "value": "..."}]}'  # a record, for the error on a file of no known format

@@ -230,6 +230,23 @@ def test_merge_without_lora_is_rejected():
     assert validated("--merge", "--use_qlora").outputs.merge is True  # QLoRA implies LoRA for the check
 
 
+def test_push_to_hub_needs_the_hub_and_a_token(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    assert validated().outputs.push_to_hub is False
+    assert "--hub_model_id only applies with --push_to_hub" in problems_of("--hub_model_id", "me/model")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no stored token
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    message = problems_of("--push_to_hub")
+    assert "--push_to_hub needs the hub, but HF_HUB_OFFLINE is set" in message
+    assert "--push_to_hub needs a Hugging Face token" in message
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    outputs = validated("--push_to_hub", "--hub_model_id", "me/model").outputs
+    assert (outputs.push_to_hub, outputs.hub_model_id) == (True, "me/model")
+
+
 def test_deepspeed_with_lora_is_rejected(tmp_path):
     config = tmp_path / "zero2.json"
     config.write_text("{}")

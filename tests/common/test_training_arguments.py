@@ -48,6 +48,14 @@ def test_checkpoints_only_when_asked(tmp_path):
     assert saving.save_total_limit is None
 
 
+def test_push_to_hub_reaches_the_trainer(tmp_path, monkeypatch):
+    assert lora_arguments(tmp_path).push_to_hub is False
+    monkeypatch.setenv("HF_TOKEN", "hf_test")  # the flag's checks need a token and the hub (not contacted here)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    pushing = lora_arguments(tmp_path, "--push_to_hub", "--hub_model_id", "me/phi35v-memes")
+    assert (pushing.push_to_hub, pushing.hub_model_id, pushing.hub_strategy) == (True, "me/phi35v-memes", "every_save")
+
+
 def test_ddp_looks_for_unused_parameters_only_when_batches_may_lack_images(tmp_path):
     assert lora_arguments(tmp_path).ddp_find_unused_parameters is False
     assert lora_arguments(tmp_path, has_text_only_samples=True).ddp_find_unused_parameters is True

@@ -346,9 +346,25 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
         return {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
 
 
+def assert_model_card(folder: Path, library_name: str, base_model: Path, output_dir: Path):
+    """The model card (README.md) of a run's output folder or its merged/, as huggingface_hub reads it: the base
+    model, the library that loads the folder, the pipeline, and the scores of the run's evaluation reports."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == str(base_model)
+    assert (card.data.library_name, card.data.pipeline_tag) == (library_name, "image-text-to-text")
+    before, after = read_eval(output_dir, "before"), read_eval(output_dir, "after")
+    metric = "anls" if "anls" in after else "accuracy"
+    [result] = card.data.eval_results
+    assert (result.metric_type, result.metric_value) == (metric, after[metric])
+    assert f"| {metric} | {before[metric]:.4f} | {after[metric]:.4f} |" in card.text
+    return card
+
+
 def assert_finished_run(result: Result, output_dir: Path, strategy: str, base_model: Path, num_eval: int) -> None:
     """The recipe's outputs: both evaluations over every eval sample, the curves, a model that loads back
-    (official-format weights for full finetuning, a peft adapter for LoRA), and the processor."""
+    (official-format weights for full finetuning, a peft adapter for LoRA), the processor and the model card."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoProcessor
 
@@ -365,6 +381,8 @@ def assert_finished_run(result: Result, output_dir: Path, strategy: str, base_mo
     assert (output_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     processor = AutoProcessor.from_pretrained(output_dir)
     assert processor.image_processor.num_crops == 1  # --num_crops is saved with the run
+    # ours, not the README.md PEFT's save_pretrained writes into an adapter folder
+    assert_model_card(output_dir, "transformers" if strategy in ("full", "frozen") else "peft", base_model, output_dir)
 
     base = tensors(base_model / "model.safetensors")
     if strategy in ("full", "frozen"):

@@ -1,10 +1,17 @@
 """finetune_hf_trainer_nlvr2.py end to end with every strategy, on the_cauldron schema with two images per
-row (save_to_disk folder and parquet file), plus --merge: a standalone model equal to base + adapter."""
+row (save_to_disk folder and parquet file), plus --merge: a standalone model equal to base + adapter, with its
+own model card."""
 
 import pytest
 import torch
 
-from tests.scripts.e2e import assert_finished_run, colour_image, read_eval, run_cauldron_task
+from tests.scripts.e2e import (
+    assert_finished_run,
+    assert_model_card,
+    colour_image,
+    read_eval,
+    run_cauldron_task,
+)
 
 DATA_FORMAT = {"full": "parquet", "frozen": "disk", "lora": "disk", "qlora": "parquet"}
 NUM_ROWS, EVAL_SIZE = 6, 2
@@ -35,6 +42,8 @@ def test_merge_writes_a_standalone_model_equal_to_base_plus_adapter(runs, tiny_m
     merged, info = AutoModelForCausalLM.from_pretrained(merged_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not any("lora" in name for name, _ in merged.named_parameters())
+    card = assert_model_card(merged_dir, "transformers", tiny_model_dir, root / "lora")  # kept current by --merge
+    assert "merged" in card.data.tags and f"vllm serve {root / 'lora' / 'merged'}" in card.text
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), root / "lora")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
 

@@ -14,6 +14,7 @@ import signal
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.scripts.e2e import (
@@ -127,6 +128,9 @@ def test_keep_best_keeps_and_exports_the_best_checkpoint_and_early_stopping_stop
     assert read_eval(output_dir, "after")["accuracy"] == 1.0  # the evaluation after training scores the best
     assert not (output_dir / "optimizer.pt").exists() and (output_dir / "preprocessor_config.json").is_file()
     assert json.loads((output_dir / "config.json").read_text())["use_cache"]  # the saved model generates with a cache
+    card = ModelCard.load(output_dir / "README.md")
+    assert "Best accuracy during training: 1.0000 at step 2; the final model is that step's" in card.text
+    assert card.data.eval_results[0].metric_value == 1.0 and "| accuracy | not evaluated | 1.0000 |" in card.text
 
 
 def test_keep_best_exports_the_best_adapter(runs):
