@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-import common  # noqa: F401  (registers phi3_v with the Auto classes)
+import common.phi3v  # noqa: F401  (registers phi3_v with the Auto classes)
 from common.strategy import STRATEGIES as TRAINING_STRATEGIES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
