@@ -42,6 +42,11 @@ COLOUR_QUESTION = "Which colour is this? Answer red, green or blue."
 RUN_TIMEOUT = 300
 
 
+# What DeepSpeed prints when it probes for a compiler and builds an op (its CPU shared-memory collective): never
+# in a run's output
+OP_BUILD_LINES = ("compilers.C.base", "gcc ", "built successfully", "deepspeed_shm_comm", "Building extension module")
+
+
 def script_env() -> dict[str, str]:
     """Environment of every script run: offline, the repository importable (before any packages the caller
     put on PYTHONPATH, which the children keep: gpu_check.sh installs to a side folder), one thread per process."""
@@ -348,11 +353,13 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def assert_finished_run(result: Result, output_dir: Path, strategy: str, base_model: Path, num_eval: int) -> None:
     """The recipe's outputs: both evaluations over every eval sample, the curves, a model that loads back
-    (official-format weights for full finetuning, a peft adapter for LoRA), and the processor."""
+    (official-format weights for full finetuning, a peft adapter for LoRA), and the processor;
+    no compiler or op-build line (DeepSpeed's CPU backend)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     result.check()
+    assert not [line for line in OP_BUILD_LINES if line in result.stdout + result.stderr], result.tail()
     assert f" with {STRATEGY_NAMES[strategy]} on " in result.stdout  # the flags chose the strategy
     for when in ("before", "after"):  # printed once, by rank 0
         assert len(re.findall(rf"^[A-Z]+ {when} finetuning: \d", result.stdout, re.MULTILINE)) == 1, result.tail()
