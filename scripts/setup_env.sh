@@ -29,7 +29,7 @@ if [ -n "${TORCH_VERSION:-}" ] || [ "${REQUIREMENTS:-lock}" = ranges ] || [ "$sy
     LOCK=""
 fi
 if [ -n "$LOCK" ]; then
-    TORCH_VERSION="$(sed -n 's/^torch==//p' "$LOCK")"
+    TORCH_VERSION="$(sed -n 's/^torch==\([^ ]*\).*/\1/p' "$LOCK")"
 else
     TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 fi

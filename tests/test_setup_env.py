@@ -40,7 +40,8 @@ def setup(tmp_path: Path, gpu: bool, torch: str | None, python: str = "3.11", **
     shutil.copy(REPO / "scripts" / "setup_env.sh", repo / "scripts")
     (repo / "requirements").mkdir()
     (repo / "requirements.txt").write_text("torch>=2.6,<2.14\n")
-    for build, pin in (("cpu", "torch==2.13.0+cpu"), ("cuda", "torch==2.13.0")):
+    for build, pin in (("cpu", "torch==2.13.0+cpu  # wheel: torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"),
+                        ("cuda", "torch==2.13.0  # wheel: torch-2.13.0-cp311-cp311-manylinux_2_28_x86_64.whl")):
         for version in ("3.10", "3.11", "3.12", "3.13"):
             (repo / "requirements" / f"lock-py{version}-{build}.txt").write_text(f"# lock\n{pin}\nnumpy==2.3.0\n")
     venv_bin = repo / ".venv" / "bin"
