@@ -2,7 +2,7 @@
 # Create .venv (once) and install the project's dependencies into it, at the exact versions of the lock for the
 # running Python: requirements/lock-py3.X-cuda.txt where an NVIDIA GPU is present, requirements/lock-py3.X-cpu.txt
 # otherwise (torch's CPU build: from a local wheel when pip is configured with one (find-links), else from
-# PyTorch's CPU index). Locks exist for Python 3.10 to 3.13 on Linux x86_64; elsewhere, or with TORCH_VERSION=...
+# PyTorch's CPU index). Locks exist for Python 3.11 to 3.13 on Linux x86_64; elsewhere, or with TORCH_VERSION=...
 # (another torch), or with REQUIREMENTS=ranges, the compatible ranges of requirements.txt are installed instead.
 # A .venv reused on another kind of node gets the torch build of this one (a CPU build is replaced on a GPU node).
 # scripts/update_lock.sh re-resolves the locks to the newest versions in range.

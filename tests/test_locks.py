@@ -100,7 +100,8 @@ def test_the_index_has_every_locked_wheel(python, tmp_path):
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     found = subprocess.run(
         [*pip, "install", "--dry-run", "--quiet", "--ignore-installed", "--no-deps", "--only-binary=:all:",
-         "--python-version", python, "--platform", "manylinux_2_28_x86_64", "--target", str(tmp_path / "target"),
+         "--python-version", python, *(f"--platform={platform}" for platform in PLATFORMS),
+         "--target", str(tmp_path / "target"),
          "-r", str(tmp_path / "wheels.txt")], env=env, capture_output=True, text=True, timeout=900)
     assert found.returncode == 0, found.stderr[-3000:]
     fetched = subprocess.run([*pip, "download", "--quiet", "--no-deps", "--no-binary=:all:", "--no-build-isolation",

@@ -42,7 +42,7 @@ def setup(tmp_path: Path, gpu: bool, torch: str | None, python: str = "3.11", **
     (repo / "requirements.txt").write_text("torch>=2.6,<2.14\n")
     for build, pin in (("cpu", "torch==2.13.0+cpu  # wheel: torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"),
                         ("cuda", "torch==2.13.0  # wheel: torch-2.13.0-cp311-cp311-manylinux_2_28_x86_64.whl")):
-        for version in ("3.10", "3.11", "3.12", "3.13"):
+        for version in ("3.11", "3.12", "3.13"):
             (repo / "requirements" / f"lock-py{version}-{build}.txt").write_text(f"# lock\n{pin}\nnumpy==2.3.0\n")
     venv_bin = repo / ".venv" / "bin"
     venv_bin.mkdir(parents=True)
@@ -94,7 +94,7 @@ def test_a_cpu_node_with_its_cpu_build_installs_the_lock_only(tmp_path):
     assert pip == ["install --quiet -r requirements/lock-py3.11-cpu.txt"]
 
 
-@pytest.mark.parametrize("python", ["3.10", "3.12", "3.13"])
+@pytest.mark.parametrize("python", ["3.12", "3.13"])
 def test_each_python_gets_its_own_lock(tmp_path, python):
     pip, said = setup(tmp_path, gpu=True, torch=None, python=python)
     assert pip[-1] == f"install --quiet -r requirements/lock-py{python}-cuda.txt"
@@ -102,9 +102,9 @@ def test_each_python_gets_its_own_lock(tmp_path, python):
 
 
 def test_a_python_without_a_lock_installs_the_ranges_and_says_so(tmp_path):
-    pip, said = setup(tmp_path, gpu=True, torch="2.13.0+cpu", python="3.9")
+    pip, said = setup(tmp_path, gpu=True, torch="2.13.0+cpu", python="3.10")
     assert pip == ["uninstall --quiet --yes torch", "install --quiet torch==2.13.0", "install --quiet -r requirements.txt"]
-    assert "installing the ranges of requirements.txt, not requirements/lock-py3.9-cuda.txt" in said
+    assert "installing the ranges of requirements.txt, not requirements/lock-py3.10-cuda.txt" in said
 
 
 def test_torch_version_asks_for_another_torch_with_the_ranges(tmp_path):
