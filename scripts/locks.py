@@ -6,6 +6,7 @@ in a comment (`  # wheel: FILE`, or `  # sdist: FILE` for a package published as
 holds torch from PyPI with its CUDA libraries; the CPU lock the same torch version's CPU build (PyTorch's CPU
 index, or a local wheel that pip's find-links has) and none of the packages that only the CUDA build requires.
 
+    python scripts/locks.py pythons                       # the Pythons that get a lock
     python scripts/locks.py version PYLOCK NAME           # the version of NAME in a uv pylock.toml
     python scripts/locks.py overrides CUDA.json CPU.json  # uv overrides that drop the CUDA build's own requirements
     python scripts/locks.py write PYLOCK LOCK HEADER [--cpu-torch VERSION --cpu-torch-file FILE]
@@ -104,6 +105,7 @@ def write_lock(pylock: Path, lock: Path, header: str, cpu_torch: str | None = No
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("pythons")
     version = commands.add_parser("version")
     version.add_argument("pylock", type=Path)
     version.add_argument("name")
@@ -117,7 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     write.add_argument("--cpu-torch")
     write.add_argument("--cpu-torch-file")
     args = parser.parse_args(argv)
-    if args.command == "version":
+    if args.command == "pythons":
+        print(*PYTHONS)
+    elif args.command == "version":
         print(next(pin.version for pin in pins_of(args.pylock) if pin.name == args.name))
     elif args.command == "overrides":
         for name in cuda_only_requirements(args.cuda_report, args.cpu_report):

@@ -2,15 +2,16 @@
 # Re-resolve the lock files to the newest versions that requirements.txt allows, then run the test suite on
 # them (scripts/test.sh installs the lock of its Python into .venv). Needs the package index; runs on Python 3.11+.
 #
-#   scripts/update_lock.sh            # rewrite requirements/lock-py3.{11,12,13}-{cpu,cuda}.txt, then scripts/test.sh
+#   scripts/update_lock.sh            # rewrite requirements/lock-py3.X-{cpu,cuda}.txt, then scripts/test.sh
 #   scripts/update_lock.sh --no-test  # only rewrite the lock files
 #
-# Every lock is for Linux x86_64 (glibc 2.28+) and one Python, resolved by uv for that Python whichever runs
-# this (scripts/locks.py describes the format: each pin names the wheel chosen). lock-*-cuda.txt holds torch
-# from PyPI (CUDA) with its nvidia-* libraries; lock-*-cpu.txt the same torch version's CPU build (PyTorch's CPU
-# index, or a local wheel where pip's find-links has one) and none of the packages only the CUDA build
-# requires: the CPU build's requirements are read from its metadata, and the CUDA build's own are left out of
-# the resolution. Nothing is installed but pip and uv in a temporary folder.
+# Every lock is for Linux x86_64 (glibc 2.28+) and one Python (scripts/locks.py: PYTHONS, 3.11 to 3.13),
+# resolved by uv for that Python whichever Python runs this; scripts/locks.py describes the format (each pin
+# names the wheel chosen). lock-*-cuda.txt holds torch from PyPI (CUDA) with its nvidia-* libraries;
+# lock-*-cpu.txt the same torch version's CPU build (PyTorch's CPU index, or a local wheel where pip's
+# find-links has one) and none of the packages only the CUDA build requires: the CPU build's requirements are
+# read from its metadata, and the CUDA build's own are left out of the resolution. Nothing is installed but
+# pip and uv in a temporary folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_TESTS=1
@@ -21,7 +22,6 @@ case "${1:-}" in
 esac
 CPU_INDEX=https://download.pytorch.org/whl/cpu
 UV_VERSION=0.13.10
-PYTHONS=(3.11 3.12 3.13)  # as scripts/locks.py: PYTHONS (transformers 5 needs Python 3.11+)
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
@@ -34,6 +34,7 @@ fi
 "$resolver" -m pip install --quiet "uv==$UV_VERSION" packaging
 uv="$work/resolver/bin/uv"
 locks() { "$resolver" scripts/locks.py "$@"; }
+read -r -a PYTHONS < <(locks pythons)
 
 # compile PYTHON PYLOCK [UV_ARGS...]: the resolution of requirements.txt for PYTHON, as a pylock.toml (PyPI only)
 compile() {
