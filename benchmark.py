@@ -62,12 +62,7 @@ REPO = Path(__file__).resolve().parent
 if str(REPO) not in sys.path:  # common/ and benchmarks/ sit next to this file (`torchrun benchmark.py` from elsewhere)
     sys.path.insert(0, str(REPO))
 
-from benchmarks.assets import asset_paths, prepare_assets  # noqa: E402
-from benchmarks.batching import render_batching, run_batching  # noqa: E402
 from benchmarks.configs import DEFAULT_STRATEGIES, OFFICIAL_CONFIG  # noqa: E402
-from benchmarks.launcher import collect, run_all  # noqa: E402
-from benchmarks.report import render_markdown, result_paths  # noqa: E402
-from benchmarks.worker import run_worker  # noqa: E402
 from common.arguments import build_parser  # noqa: E402
 from common.cli import main_guard  # noqa: E402
 from common.errors import UsageError  # noqa: E402
@@ -134,6 +129,8 @@ def build_benchmark_parser() -> argparse.ArgumentParser:
 
 
 def _batching(args) -> int:
+    from benchmarks.batching import render_batching, run_batching
+
     report = run_batching(args)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -156,6 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"--model_config {args.model_config} does not exist")
     if problems:
         raise UsageError("invalid arguments:\n  " + "\n  ".join(problems))
+    return run(args, argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """What checked flags ask for; torch and transformers load here (CONTRIBUTING.md, Commands)."""
+    from benchmarks.assets import asset_paths, prepare_assets
+    from benchmarks.launcher import collect, run_all
+    from benchmarks.report import render_markdown, result_paths
+    from benchmarks.worker import run_worker
+
     if args.worker:
         return run_worker(args)
     if args.batching:

@@ -59,15 +59,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-# The frame-extraction workers (spawned: they import this file again) only extract frames; importing `common`
-# (torch, transformers) would cost each of them seconds. Errors, the guard and the jsonl records belong to the
-# main process: the workers' functions (convert_video and what it calls) report an unusable video as a
-# returned reason, never as a UserError.
+# The frame-extraction workers (spawned: they import this file again) only extract frames. Errors, the guard
+# and the jsonl records belong to the main process: the workers' functions (convert_video and what it calls)
+# report an unusable video as a returned reason, never as a UserError.
 if multiprocessing.parent_process() is None:
     from common.cli import main_guard
     from common.data import Turn
     from common.errors import UsageError, UserError
-    from common.formats.generic import conversation_record
 
 HUB_REPO_ID = "sayakpaul/ucf101-subset"
 HUB_FILENAME = "UCF101_subset.tar.gz"
@@ -476,6 +474,10 @@ def conversion_results(jobs: list[FrameJob], num_workers: int) -> Iterator[Itera
 
 
 def build_record(video: Video, frame_count: int, prompt: str) -> dict:
+    # common.formats loads datasets and transformers: imported once frames are written, never for --help or a
+    # flag error (CONTRIBUTING.md, Commands), nor by the frame-extraction workers
+    from common.formats.generic import conversation_record
+
     turn = Turn(user=prompt, assistant=video.label, images=video.frame_names(frame_count))
     return conversation_record(f"{video.split}-{video.index:010d}", "ucf101", [turn])
 

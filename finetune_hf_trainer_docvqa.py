@@ -28,9 +28,8 @@ from common.cli import main_guard
 from common.config import DataConfig
 from common.data import THE_CAULDRON, Sample, SampleDataset, Turn, base_dir_of, first_images, load_split
 from common.errors import UserError
-from common.finetune import run_script
 from common.metrics import ANLS
-from common.task import Task
+from common.task import Task, run_task
 
 MINI = "nielsr/docvqa_1200_examples"
 BRIEFLY = "\nAnswer briefly."
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         help="train on the_cauldron's docvqa subset instead of the 1,000-row mini-train split")
     parser.add_argument("--eval_dataset_path", default=None,
                         help=f"local copy of {MINI} for evaluation (default: --dataset_path)")
-    return run_script(TASK, parser.parse_args(argv))
+    return run_task(TASK, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -22,9 +22,8 @@ from common.arguments import build_parser
 from common.cli import main_guard
 from common.config import DataConfig
 from common.data import THE_CAULDRON, Sample, Turn, first_images, load_cauldron_splits
-from common.finetune import run_script
 from common.metrics import ACCURACY
-from common.task import Task
+from common.task import Task, run_task
 
 
 def meme_sample(row, index: int, draws: random.Random) -> Sample:
@@ -41,7 +40,7 @@ TASK = Task("Hateful Memes", ACCURACY, load_memes, hub_datasets=lambda options: 
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    return run_script(TASK, build_parser(__doc__, num_crops=16).parse_args(argv))
+    return run_task(TASK, build_parser(__doc__, num_crops=16).parse_args(argv))
 
 
 if __name__ == "__main__":

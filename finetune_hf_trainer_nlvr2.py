@@ -23,9 +23,8 @@ from common.arguments import build_parser
 from common.cli import main_guard
 from common.config import DataConfig
 from common.data import THE_CAULDRON, Sample, Turn, first_images, load_cauldron_splits
-from common.finetune import run_script
 from common.metrics import ACCURACY
-from common.task import Task
+from common.task import Task, run_task
 
 
 def conversation(row, index: int, draws: random.Random) -> Sample:
@@ -51,7 +50,7 @@ TASK = Task("NLVR2", ACCURACY, load_nlvr2, flash_attention_implies_bf16=True,  #
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    return run_script(TASK, build_parser(__doc__, num_crops=16).parse_args(argv))
+    return run_task(TASK, build_parser(__doc__, num_crops=16).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,8 @@ Frames are many images per sample, so num_crops defaults to 4 (Phi-3.5-vision's 
 
 from common.arguments import build_parser
 from common.cli import main_guard
-from common.finetune import run_script
 from common.metrics import ACCURACY_BY_ID
-from common.task import Task
+from common.task import Task, run_task
 
 # its data is conversations (common/formats: --data_dir, required below); flash attention turns bf16 on, as the
 # recipe's script
@@ -33,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if not (args.data_dir or args.train_file or args.dataset_path):
         parser.error("--data_dir is required: the output folder of convert_ucf101.py (or other conversation data: "
                      "--train_file, or a chat-messages --dataset_path)")
-    return run_script(TASK, args)
+    return run_task(TASK, args)
 
 
 if __name__ == "__main__":

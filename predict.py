@@ -18,20 +18,8 @@ import logging
 from pathlib import Path
 
 from common.cli import main_guard
-from common.distributed import Distributed
 from common.errors import UsageError
-from common.inference import (
-    answer,
-    file_dataset,
-    load_for_inference,
-    locate_model,
-    prompt_dataset,
-    score,
-    write_answers,
-)
-from common.logging_setup import setup_logging
 from common.metrics import METRICS
-from common.precision import resolve_precision
 from common.serving.options import add_serving_flags, serving_config, serving_problems
 
 logger = logging.getLogger("predict")
@@ -78,6 +66,24 @@ def main(argv: list[str] | None = None):
     args = build_parser().parse_args(argv)
     if problems := usage_problems(args):
         raise UsageError("invalid arguments:\n  " + "\n  ".join(problems))
+    return predict(args)
+
+
+def predict(args: argparse.Namespace):
+    """The answers to checked flags; torch, transformers and peft load here (CONTRIBUTING.md, Commands)."""
+    from common.distributed import Distributed
+    from common.inference import (
+        answer,
+        file_dataset,
+        load_for_inference,
+        locate_model,
+        prompt_dataset,
+        score,
+        write_answers,
+    )
+    from common.logging_setup import setup_logging
+    from common.precision import resolve_precision
+
     distributed = Distributed.launched()
     setup_logging(distributed, args.verbose)
     precision = resolve_precision(args.bf16, args.use_flash_attention, local_rank=distributed.local_rank)

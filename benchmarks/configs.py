@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from common.cli import user_message
 from common.errors import UserError
 
@@ -45,6 +43,8 @@ def base_row(args, strategy: str, flash: bool) -> dict:
 
 def error_reason(error: BaseException) -> str:
     """One line for a row's reason: a user error's message, a short CUDA out-of-memory, else the exception."""
+    import torch  # not at the top: benchmark.py's parser imports this module before any library loads
+
     if isinstance(error, UserError):
         text = user_message(error)
     elif isinstance(error, torch.cuda.OutOfMemoryError):

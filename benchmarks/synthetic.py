@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-import common  # noqa: F401  (registers phi3_v with the Auto classes)
+import common.phi3v  # noqa: F401  (registers phi3_v with the Auto classes)
 from common.collators import ConversationEncoder, Phi3VTrainCollator
 from common.data import Sample, SampleDataset, Turn
 from common.phi3v.image_processing_phi3_v import CROP_SIZE, num_image_tokens, padded_image_size

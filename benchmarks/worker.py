@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-import common  # noqa: F401  (registers phi3_v with the Auto classes)
+import common.phi3v  # noqa: F401  (registers phi3_v with the Auto classes)
 from benchmarks.assets import prepare_assets
 from benchmarks.configs import base_row, config_name, error_reason
 from benchmarks.flops import ModelDims, peak_flops_for, training_flops, utilization

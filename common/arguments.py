@@ -3,7 +3,9 @@
 Flags are declared once here; a script only changes defaults (`num_crops`, say) and adds its own
 (`--full_train` for DocVQA). `resolve_run_config` turns the parsed flags into the frozen pieces of
 `common.config.RunConfig`, rejecting invalid combinations up front with one `UsageError` that lists
-every problem, before any model or data is loaded.
+every problem, before any model or data is loaded. `check_flags` runs the checks that need no library before
+the libraries load, so that a flag problem answers at once; this module imports none at its top
+(CONTRIBUTING.md, Commands).
 """
 
 from __future__ import annotations
@@ -28,12 +30,11 @@ from .config import (
     TrainingConfig,
     TrainingEvaluationConfig,
 )
-from .distributed import Distributed
 from .errors import UsageError
-from .precision import resolve_precision
 from .strategy import TrainingStrategy
 
 if TYPE_CHECKING:
+    from .distributed import Distributed
     from .task import Task
 
 DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
@@ -151,6 +152,10 @@ def resolve_run_config(
     `task`: the script's `Task`, with its own flags (`options`) and flag rules.
     `distributed`: the run's processes (default: as launched).
     """
+    # torch: the launched processes and the GPU are checked here, after check_flags
+    from .distributed import Distributed
+    from .precision import resolve_precision
+
     distributed = Distributed.launched() if distributed is None else distributed
     problems = _problems(args, distributed.world_size)
     bf16 = args.bf16 or bool(task and task.flash_attention_implies_bf16 and args.use_flash_attention)
@@ -213,7 +218,16 @@ def deepspeed_config_problems(path: str) -> list[str]:
     return []
 
 
-def _problems(args: argparse.Namespace, processes: int) -> list[str]:
+def check_flags(args: argparse.Namespace) -> None:
+    """The checks that need no library (values, combinations, files), before any loads: one UsageError lists
+    every problem they find. `resolve_run_config` repeats them with the ones that need torch (the batch size
+    against the launched processes, the precision flags against the GPU)."""
+    if problems := _problems(args, processes=None):
+        raise UsageError("invalid arguments:\n  " + "\n  ".join(problems))
+
+
+def _problems(args: argparse.Namespace, processes: int | None) -> list[str]:
+    """Every problem of the flags; `processes` None: not known yet (the batch size is checked with them)."""
     problems = []
     if not 1 <= args.num_crops <= 16:
         problems.append(f"--num_crops must be between 1 and 16, got {args.num_crops}")
@@ -226,7 +240,10 @@ def _problems(args: argparse.Namespace, processes: int) -> list[str]:
     for flag in counts:
         if getattr(args, flag) < 1:
             problems.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.batch_size >= 1 and args.batch_size_per_gpu >= 1 and args.batch_size % (processes * args.batch_size_per_gpu):
+    if (
+        processes is not None and args.batch_size >= 1 and args.batch_size_per_gpu >= 1
+        and args.batch_size % (processes * args.batch_size_per_gpu)
+    ):
         problems.append(
             f"--batch_size {args.batch_size} must be divisible by processes ({processes}) x "
             f"--batch_size_per_gpu ({args.batch_size_per_gpu})"

@@ -11,25 +11,26 @@ LLaVA, chat messages) are read by `common/formats/`.
 
 Where the recipe draws at random (DocVQA's accepted answer, the_cauldron's question/answer pair), the draw
 is a function of (seed, epoch, row index): a fresh draw every epoch, the same after a resume. The Trainer
-tells the dataset the epoch through `DrawEpochCallback`.
+tells the dataset the epoch through `common.trainer.DrawEpochCallback`.
+
+The task scripts import this module before their flags are parsed, so it loads no library when imported:
+`datasets` and PIL are imported where rows are read and images opened (CONTRIBUTING.md, Commands).
 """
 
 from __future__ import annotations
 
 import io
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import datasets
-from PIL import Image
-from torch.utils.data import Dataset
-from transformers import TrainerCallback
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import datasets
+    from PIL import Image
 
 
 def image_tags(count: int) -> str:
@@ -75,6 +76,8 @@ class Sample:
 
 def open_image(source: Any, sample_id: str, base_dir: Path | None = None) -> Image.Image:
     """A fully decoded PIL image from any stored form; a UserError names the sample and file otherwise."""
+    from PIL import Image
+
     if isinstance(source, Image.Image):
         return source
     path = None
@@ -96,8 +99,9 @@ def open_image(source: Any, sample_id: str, base_dir: Path | None = None) -> Ima
 ToSample = Callable[[Any, int, random.Random], Sample]
 
 
-class SampleDataset(Dataset):
-    """Rows of any indexable source turned into `Sample`s with fully loaded images, lazily per item.
+class SampleDataset:
+    """Rows of any indexable source turned into `Sample`s with fully loaded images, lazily per item: a map-style
+    dataset (`__getitem__`, `__len__`) for torch's DataLoader and the Trainer.
 
     `seed` and the epoch (`set_epoch`) make each row's random draws: `random.Random` seeded with
     (seed, epoch, row index), so they depend on nothing else (data-loader workers, order, resumes).
@@ -119,7 +123,7 @@ class SampleDataset(Dataset):
         return len(self.rows)
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by accelerate's data loader and by `DrawEpochCallback` before each epoch's workers start."""
+        """Called by accelerate's data loader and by `common.trainer.DrawEpochCallback` before each epoch's workers start."""
         self.epoch = epoch
 
     def draws(self, row_index: int) -> random.Random:
@@ -140,26 +144,14 @@ class SampleDataset(Dataset):
 
     def subset(self, indices: Sequence[int]) -> SampleDataset:
         """The rows at `indices`; samples keep the ids (and draws) of their original positions."""
+        import datasets
+
         indices = list(indices)
         rows = self.rows.select(indices) if isinstance(self.rows, datasets.Dataset) else [self.rows[i] for i in indices]
         original = [self.row_indices[i] for i in indices] if self.row_indices is not None else indices
         subset = SampleDataset(rows, self.to_sample, self.base_dir, self.seed, original, self.text_only_rows)
         subset.epoch = self.epoch
         return subset
-
-
-class DrawEpochCallback(TrainerCallback):
-    """Tells the training dataset the epoch before the epoch's data-loader workers start (they copy the
-    dataset when an epoch's iteration begins; persistent workers would keep a stale copy, so the training
-    arguments leave them off). accelerate forwards `set_epoch` to the dataset only when the sampler has none,
-    which is not so in multi-process runs, hence this callback. The Trainer's `state.epoch` is the whole
-    number of finished epochs when an epoch begins, also after resuming mid-epoch."""
-
-    def __init__(self, dataset: SampleDataset):
-        self.dataset = dataset
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.dataset.set_epoch(math.floor(state.epoch or 0))
 
 
 # ---- hub datasets and their local copies -------------------------------------------------------------
@@ -174,6 +166,8 @@ def load_split(hub_id: str, subset: str | None, split: str, dataset_path: str | 
     Local forms: a `save_to_disk` folder (DatasetDict or Dataset), a parquet/jsonl file (the train split), or
     a folder of `{split}*.parquet|jsonl` files.
     """
+    import datasets
+
     if dataset_path is None:
         return datasets.load_dataset(hub_id, subset, split=split)
     path = Path(dataset_path)
@@ -199,6 +193,8 @@ def _only_train(dataset: datasets.Dataset, path: Path, split: str) -> datasets.D
 
 
 def _load_files(files: list[Path]) -> datasets.Dataset:
+    import datasets
+
     formats = {_FILE_FORMATS.get(f.suffix) for f in files}
     if len(formats) != 1 or None in formats:
         raise UserError(f"expected parquet or jsonl files of one kind, got {[f.name for f in files]}")

@@ -130,6 +130,7 @@ def _cpu_process_state(uses_deepspeed: bool) -> None:
     if not uses_deepspeed:
         PartialState(cpu=True, backend="gloo")
         return
+    _skip_shared_memory_op()
     previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what TrainingArguments sets while it builds the state
     try:
@@ -139,3 +140,15 @@ def _cpu_process_state(uses_deepspeed: bool) -> None:
             del os.environ["ACCELERATE_USE_DEEPSPEED"]
         else:
             os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
+
+
+def _skip_shared_memory_op() -> None:
+    """DeepSpeed's CPU backend builds its shared-memory collective op (`deepspeed_shm_comm`, C++) when its process
+    group starts: compiler lines in every run and half a minute or more of compiling in the first. Only DeepSpeed's
+    inference all-reduce (tensor parallelism) uses it, never ZeRO training, so it is declared unbuildable: DeepSpeed
+    builds it only when `deepspeed.ops.__compatible_ops__` says it can, and keeps that dict for the process (it
+    probes every op, with more compiler lines, only when nothing set it first). GPU runs never build it."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    vars(deepspeed.ops).setdefault("__compatible_ops__", {})[ShareMemCommBuilder.NAME] = False

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor
 
+from . import phi3v  # noqa: F401  (registers phi3_v with the Auto classes used here)
 from .checkpoints import checkpoint_folders
 from .data import Sample, SampleDataset, Turn
 from .distributed import Distributed

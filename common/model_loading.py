@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig, PreTrainedModel
 
+from . import phi3v  # noqa: F401  (registers phi3_v with the Auto classes used here)
 from .config import LoraSettings, ModelConfig
 from .errors import UserError
 from .precision import Precision

@@ -1,7 +1,9 @@
 """What a task script declares — its name, metric, datasets, own flags and flag rules — and loading its data.
 
-A script builds one `Task` and hands it, with its parsed flags, to `common.finetune.run_script`; the run
-itself never knows which task it trains.
+A script builds one `Task` and hands it, with its parsed flags, to `run_task`: the flag checks that need no
+library run first, then the libraries load and `common.finetune.run_script` runs it; the run itself never
+knows which task it trains. The scripts import this module before their flags are parsed: it loads no
+library when imported (CONTRIBUTING.md, Commands).
 """
 
 from __future__ import annotations
@@ -9,13 +11,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .arguments import check_flags
 from .config import DataConfig
-from .data import SampleDataset
 from .errors import UserError
-from .formats import load_conversations
 from .metrics import METRICS, Metric
+
+if TYPE_CHECKING:
+    import argparse
+
+    from .data import SampleDataset
 
 
 @dataclass(frozen=True)
@@ -41,8 +47,18 @@ class Task:
         return dataclasses.replace(self, metric=METRICS[metric])
 
 
+def run_task(task: Task, args: argparse.Namespace) -> dict[str, float]:
+    """A task script's main, once its flags are parsed: the checks that need no library, then the run."""
+    check_flags(args)
+    from .finetune import run_script  # torch, transformers, peft, DeepSpeed: only once the flags are good
+
+    return run_script(task, args)
+
+
 def load_datasets(task: Task, data: DataConfig, options: Any = None) -> tuple[SampleDataset, SampleDataset]:
     """Custom conversations (every task reads them: common/formats, checked in full here) or the task's own."""
+    from .formats import load_conversations  # datasets, pyarrow and the processor's constants
+
     conversations = load_conversations(data)
     if conversations is not None:
         train, evaluation = conversations

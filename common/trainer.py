@@ -16,10 +16,10 @@ import math
 from collections.abc import Callable
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .checkpoints import ResumableTrainer
-from .data import DrawEpochCallback
+from .data import SampleDataset
 from .distributed import ONE_PROCESS, Distributed
 from .errors import UserError
 from .phi3v.loss import samples_in_batch
@@ -77,6 +77,20 @@ class FinetuningTrainer(ResumableTrainer):
             f"the training loss became {kind} at optimizer step {step}{total} ({mode}, learning rate "
             f"{self.args.learning_rate:g}): the numbers overflowed or diverged and the run cannot recover; {advice}"
         )
+
+
+class DrawEpochCallback(TrainerCallback):
+    """Tells the training dataset the epoch before the epoch's data-loader workers start (they copy the
+    dataset when an epoch's iteration begins; persistent workers would keep a stale copy, so the training
+    arguments leave them off). accelerate forwards `set_epoch` to the dataset only when the sampler has none,
+    which is not so in multi-process runs, hence this callback. The Trainer's `state.epoch` is the whole
+    number of finished epochs when an epoch begins, also after resuming mid-epoch."""
+
+    def __init__(self, dataset: SampleDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(math.floor(state.epoch or 0))
 
 
 def make_trainer(model, processor, train_args: TrainingArguments, dataset, collator,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import demo
+from tests.scripts.e2e import OP_BUILD_LINES
 
 
 def test_videos_are_told_apart_by_the_disc_colour(tmp_path):
@@ -24,8 +25,10 @@ def test_videos_are_told_apart_by_the_disc_colour(tmp_path):
             assert np.argmax(disc.mean(axis=0)) == int(np.argmax(colour))
 
 
-def test_demo_pipeline_writes_evaluations_and_curves(tmp_path):
+def test_demo_pipeline_writes_evaluations_and_curves(tmp_path, capfd):
     results = demo.main(["--out_dir", str(tmp_path), "--epochs", "1", "--num_frames", "1"])
+    output = "".join(capfd.readouterr())
+    assert not [line for line in OP_BUILD_LINES if line in output], output[-3000:]  # the demo prints ours only
     run = tmp_path / "run"
     for when in ("before", "after"):
         report = json.loads((run / f"eval_{when}.json").read_text())

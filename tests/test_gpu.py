@@ -57,7 +57,7 @@ def _case_inputs(fixture_dir, reference, device):
 def _model(fixture_dir, dtype, attn):
     from transformers import AutoModelForCausalLM
 
-    import common  # noqa: F401
+    import common.phi3v  # noqa: F401  (registers phi3_v with the Auto classes)
 
     model = AutoModelForCausalLM.from_pretrained(
         fixture_dir / "tiny_phi3v", dtype=dtype, attn_implementation=attn, device_map={"": DEVICE}

@@ -1,6 +1,6 @@
 """Native Phi-3-V (Phi-3.5-vision) model family, registered with transformers' Auto classes.
 
-After `import common`, `AutoConfig`, `AutoModelForCausalLM`, `AutoImageProcessor` and `AutoProcessor`
+After `import common.phi3v` (which importing any of its modules does), `AutoConfig`, `AutoModelForCausalLM`, `AutoImageProcessor` and `AutoProcessor`
 load official Phi-3.5-vision folders with this code; the `.py` files such folders carry are never run.
 """
 

@@ -4,7 +4,7 @@ from dataclasses import FrozenInstanceError, dataclass
 
 import pytest
 
-from common.arguments import DEFAULT_DEEPSPEED_CONFIG, build_parser, resolve_run_config
+from common.arguments import DEFAULT_DEEPSPEED_CONFIG, build_parser, check_flags, resolve_run_config
 from common.config import RESUME_LATEST
 from common.distributed import ONE_PROCESS, Distributed
 from common.errors import UsageError
@@ -166,6 +166,24 @@ def test_all_problems_are_listed_in_one_exit(tmp_path):
     assert "--batch_size 3 must be divisible by processes (1) x --batch_size_per_gpu (2)" in message
     assert f"--data_dir {missing} does not exist" in message
     assert len(message.splitlines()) == 4  # header + exactly the three problems
+
+
+def test_check_flags_lists_the_problems_that_need_no_library(tmp_path, monkeypatch):
+    """The check before the libraries load: the same messages, all at once; the batch size against the launched
+    processes waits for resolve_run_config (it needs the launcher's world, which common/distributed.py reads)."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    missing = tmp_path / "no_such_data"
+    with pytest.raises(UsageError) as info:
+        check_flags(parse("--num_crops", "17", "--batch_size", "6", "--data_dir", str(missing), "--merge"))
+    assert info.value.exit_status == 2
+    assert str(info.value).splitlines() == [
+        "invalid arguments:",
+        "  --num_crops must be between 1 and 16, got 17",
+        "  --merge only applies to LoRA/QLoRA runs (full finetuning already saves a full model)",
+        f"  --data_dir {missing} does not exist",
+    ]
+    check_flags(parse("--batch_size", "6"))  # 6 / 4 processes: resolve_run_config's to refuse
+    assert "--batch_size 6 must be divisible by processes (4)" in problems_of("--batch_size", "6")
 
 
 @pytest.mark.parametrize("crops", [0, 17])

@@ -14,7 +14,6 @@ from PIL import Image
 from common import data as data_module
 from common.config import DataConfig
 from common.data import (
-    DrawEpochCallback,
     Sample,
     SampleDataset,
     Turn,
@@ -25,6 +24,7 @@ from common.data import (
     open_image,
 )
 from common.formats import load_conversations
+from common.trainer import DrawEpochCallback
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from common.distributed import ONE_PROCESS, Distributed, start_distributed
+from tests.scripts.e2e import OP_BUILD_LINES
 
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 REPO = Path(__file__).resolve().parents[2]
@@ -49,11 +50,13 @@ PROBE = """
 import json, os
 import torch
 from accelerate import PartialState
+from deepspeed import comm
 from common.distributed import start_distributed
 
 distributed = start_distributed(uses_deepspeed=True)
 state = PartialState()
 print(json.dumps({
+    "shared_memory_op": comm.comm.cdb.shm_comm_op is not None,
     "env": {name: os.environ.get(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")},
     "identity": [distributed.rank, distributed.world_size, str(distributed.device)],
     "configured": distributed.accelerate_state_configured,
@@ -64,7 +67,8 @@ print(json.dumps({
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU DeepSpeed path; GPU runs never take it")
 def test_deepspeed_under_plain_python_gets_a_rendezvous_and_a_gloo_state():
-    """In a subprocess: the start-up creates a process group, which must not leak into the test process."""
+    """In a subprocess: the start-up creates a process group, which must not leak into the test process. DeepSpeed's
+    shared-memory op (inference only) is neither built nor probed for: no compiler or build line, no build time."""
     env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
@@ -74,6 +78,9 @@ def test_deepspeed_under_plain_python_gets_a_rendezvous_and_a_gloo_state():
     assert probe["identity"] == [0, 1, "cpu"]
     assert probe["configured"] is True
     assert probe["state"] == ["DistributedType.DEEPSPEED", "gloo", 1]
+    assert probe["shared_memory_op"] is False
+    output = done.stdout + done.stderr
+    assert not [line for line in OP_BUILD_LINES if line in output], output[-3000:]
 
 
 FINISH_PROBE = """

@@ -151,7 +151,7 @@ def ref(fixture_dir, reference) -> Reference:
 
 LOAD_SCRIPT = """
 import sys
-import common
+import common.phi3v
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 path = sys.argv[1]
 config = AutoConfig.from_pretrained(path)

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-import common  # noqa: F401  (registers phi3_v with the Auto classes)
+import common.phi3v  # noqa: F401  (registers phi3_v with the Auto classes)
 from common.strategy import STRATEGIES as TRAINING_STRATEGIES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +40,11 @@ STRATEGY_NAMES = {name: TRAINING_STRATEGIES[name].name for name in STRATEGIES}  
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 COLOUR_QUESTION = "Which colour is this? Answer red, green or blue."
 RUN_TIMEOUT = 300
+
+
+# What DeepSpeed prints when it probes for a compiler and builds an op (its CPU shared-memory collective): never
+# in a run's output
+OP_BUILD_LINES = ("compilers.C.base", "gcc ", "built successfully", "deepspeed_shm_comm", "Building extension module")
 
 
 def script_env() -> dict[str, str]:
@@ -364,11 +369,13 @@ def assert_model_card(folder: Path, library_name: str, base_model: Path, output_
 
 def assert_finished_run(result: Result, output_dir: Path, strategy: str, base_model: Path, num_eval: int) -> None:
     """The recipe's outputs: both evaluations over every eval sample, the curves, a model that loads back
-    (official-format weights for full finetuning, a peft adapter for LoRA), the processor and the model card."""
+    (official-format weights for full finetuning, a peft adapter for LoRA), the processor and the model card;
+    no compiler or op-build line (DeepSpeed's CPU backend)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     result.check()
+    assert not [line for line in OP_BUILD_LINES if line in result.stdout + result.stderr], result.tail()
     assert f" with {STRATEGY_NAMES[strategy]} on " in result.stdout  # the flags chose the strategy
     for when in ("before", "after"):  # printed once, by rank 0
         assert len(re.findall(rf"^[A-Z]+ {when} finetuning: \d", result.stdout, re.MULTILINE)) == 1, result.tail()
