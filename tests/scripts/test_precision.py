@@ -1,11 +1,12 @@
 """The precision configurations of GPU runs, run on the CPU: `--bf16` for every strategy, bf16-loaded weights
 (`--dtype bfloat16`), fp16 mixed precision with loss scaling (`--fp16`, LoRA and QLoRA), two-process ZeRO-2, and a
-resume from a bf16 checkpoint. Each run ends with both evaluations; its training loss differs from the fp32 run's
-(the precision is really on) and stays close to it; what it saves is in the dtype the weights loaded in; and
-predict.py with the same flags answers as its evaluation after training did.
+resume from a bf16 checkpoint. Each run ends with both evaluations (and evaluates during training, under its
+precision); its training loss differs from the fp32 run's (the precision is really on) and stays close to it; what
+it saves is in the dtype the weights loaded in; and predict.py with the same flags answers as its evaluation after
+training did.
 
-Fast (about 40 s): full finetuning under ZeRO-2 with --bf16 (DeepSpeed trains a bf16 copy, the fp32 masters are saved),
-QLoRA with --bf16 (fp16 4-bit compute under bf16 autocast) and LoRA with --fp16 (loss scaling on the CPU).
+Fast (about 40 s): full finetuning under ZeRO-2 with --bf16 (DeepSpeed trains a bf16 copy, the fp32 masters are
+saved), QLoRA with --bf16 (fp16 4-bit compute under bf16 autocast) and LoRA with --fp16 (loss scaling on the CPU).
 """
 
 from __future__ import annotations
@@ -70,10 +71,11 @@ def data(tmp_path_factory):
 
 
 def run_args(tiny_model_dir, output_dir, data, strategy: str, *flags) -> list[str]:
-    """LoRA and QLoRA runs also merge (--merge); full finetuning also saves checkpoint-2 (its last step)."""
+    """LoRA and QLoRA runs also merge (--merge); full finetuning also saves checkpoint-2 (its last step). Every run
+    also evaluates during training, at step 1."""
     saving = ["--merge"] if strategy in ("lora", "qlora") else ["--save_steps", "2"]
-    return fast_args(tiny_model_dir, output_dir, "--data_dir", data, "--max_new_tokens", "6", *STRATEGIES[strategy],
-                     *saving, *flags)
+    return fast_args(tiny_model_dir, output_dir, "--data_dir", data, "--max_new_tokens", "6", "--eval_steps", "1",
+                     "--eval_during_training_samples", "2", *STRATEGIES[strategy], *saving, *flags)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +129,11 @@ def test_it_runs_end_to_end_with_both_evaluations_in_its_precision(run):
     else:
         result.check()
         assert all(len(read_eval(run["output_dir"], when)["answers_unique"]) == NUM_EVAL for when in ("before", "after"))
+
+
+def test_it_evaluates_during_training(run):
+    history = json.loads((run["output_dir"] / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_accuracy" in entry] == [1, 2]
 
 
 def test_the_training_loss_differs_from_fp32_and_stays_close(run):
