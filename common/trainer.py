@@ -47,11 +47,12 @@ class FinetuningTrainer(ResumableTrainer):
         self.load_dtype = next(self.model.parameters()).dtype  # before DeepSpeed casts them to its training dtype
         half = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         self.deepspeed_casts_weights = self.is_deepspeed_enabled and half not in (None, self.load_dtype)
-        # DeepSpeed keeps no fp32 copy of the weights that do not train (frozen vision): kept here, on the host
+        # DeepSpeed keeps no fp32 copy of the weights that do not train (frozen vision): the saving rank keeps them
+        # here, on the host
         self.frozen_weights = {
             name: parameter.detach().to("cpu", copy=True)
             for name, parameter in self.model.named_parameters() if not parameter.requires_grad
-        } if self.deepspeed_casts_weights else {}
+        } if self.deepspeed_casts_weights and self.args.should_save else {}
         if self.args.fp16 and self.accelerator.device.type == "cpu" and not self.accelerator.native_amp:
             enable_cpu_fp16(self.accelerator)
 
@@ -62,9 +63,9 @@ class FinetuningTrainer(ResumableTrainer):
 
     @contextmanager
     def weights_in_load_dtype(self) -> Iterator[None]:
-        """Within: DeepSpeed's half-precision training weights replaced by the master weights (the frozen ones as
-        loaded) in the load dtype, on the host; afterwards the training copy is back. Every rank must enter it:
-        the masters are gathered from the ranks' ZeRO partitions."""
+        """Within: on the saving rank, DeepSpeed's half-precision training weights replaced by the master weights
+        (the frozen ones as loaded) in the load dtype, on the host; afterwards the training copy is back. Every rank
+        must enter it: each master is gathered from the ranks' ZeRO partitions."""
         if not self.deepspeed_casts_weights or self.model_wrapped is self.model:  # not (yet) under DeepSpeed
             yield
             return
@@ -72,11 +73,10 @@ class FinetuningTrainer(ResumableTrainer):
 
         training_copy = {}
         for name, parameter in self.model.named_parameters():
-            master = self.frozen_weights.get(name)
-            if master is None:
-                master = safe_get_full_fp32_param(parameter)
-            training_copy[parameter] = parameter.data
-            parameter.data = master.to("cpu", self.load_dtype)
+            master = safe_get_full_fp32_param(parameter) if parameter.requires_grad else self.frozen_weights.get(name)
+            if self.args.should_save:
+                training_copy[parameter] = parameter.data
+                parameter.data = master.to("cpu", self.load_dtype)
         try:
             yield
         finally:

@@ -156,6 +156,9 @@ def test_what_it_saves_is_in_the_load_dtype(run):
     for folder in saved:
         assert floating_dtypes(folder / "model.safetensors") == {dtype}, folder
         assert json.loads((folder / "config.json").read_text())["dtype"] == name
+        if dtype == torch.float32 and run["strategy"] in ("full", "frozen"):  # DeepSpeed's masters, not its bf16 copy
+            weights = tensors(folder / "model.safetensors")
+            assert any(not torch.equal(weight, weight.bfloat16().float()) for weight in weights.values())
 
 
 def test_predict_with_the_same_flags_answers_as_the_evaluation_after_training(run):
