@@ -10,13 +10,14 @@
 --data_file: a conversation file in any of the training formats (docs/data.md), the last question's answer
 optional; a conversation is asked as the evaluation asks it. Writes {"id", "prediction", "reference"} per line in input
 order, and prints the metric over the samples that have a reference. Run with the training run's --bf16 /
---use_flash_attention to get its evaluation's answers exactly.
+--fp16 / --dtype / --use_flash_attention to get its evaluation's answers exactly.
 """
 
 import argparse
 import logging
 from pathlib import Path
 
+from common.arguments import add_precision_flags
 from common.cli import main_guard
 from common.errors import UsageError
 from common.metrics import METRICS
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_crops", type=int, help="maximum crops per image (default: the model's saved processor)")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="answer length limit in tokens")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per generation batch and process")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU); without it fp16 autocast on GPU")
+    add_precision_flags(parser)
     parser.add_argument("--use_flash_attention", action="store_true", help="flash_attention_2 (needs --bf16)")
     parser.add_argument("--no-tqdm", dest="tqdm", action="store_false", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="also show the libraries' log lines")
@@ -86,7 +87,8 @@ def predict(args: argparse.Namespace):
 
     distributed = Distributed.launched()
     setup_logging(distributed, args.verbose)
-    precision = resolve_precision(args.bf16, args.use_flash_attention, local_rank=distributed.local_rank)
+    precision = resolve_precision(args.bf16, args.use_flash_attention, local_rank=distributed.local_rank,
+                                  fp16=args.fp16, dtype=args.dtype)
     source = locate_model(args.model, args.base_model)
     if args.serve:
         from common.serving.app import serve  # the web stack loads only to serve

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import (
+    AUTO_DTYPE,
     DEFAULT_DURING_TRAINING_SAMPLES,
+    DTYPE_NAMES,
     RESUME_LATEST,
     DataConfig,
     EvaluationConfig,
@@ -48,7 +50,7 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
                        help="hub id or local folder of an official-format Phi-3.5-vision checkpoint")
     model.add_argument("--use_flash_attention", action="store_true",
                        help="flash_attention_2 kernels (needs the flash-attn package and an Ampere+ GPU); default sdpa")
-    model.add_argument("--bf16", action="store_true", help="bf16 training; without it fp16 mixed precision (GPU)")
+    add_precision_flags(model)
     model.add_argument("--use_lora", action="store_true", help="train LoRA adapters instead of all weights")
     model.add_argument("--use_qlora", action="store_true", help="4-bit nf4 base model with LoRA (implies --use_lora)")
     model.add_argument("--lora_rank", type=int, default=64, help="LoRA rank")
@@ -144,6 +146,19 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     return parser
 
 
+def add_precision_flags(group) -> None:
+    """--bf16, --fp16 and --dtype, which the finetuning scripts and predict.py share (common/precision.py)."""
+    group.add_argument("--bf16", action="store_true",
+                       help="bf16 autocast (on a GPU: Ampere or newer); without --bf16 or --fp16 a GPU runs "
+                            "fp16 mixed precision, the CPU in fp32")
+    group.add_argument("--fp16", action="store_true",
+                       help="fp16 mixed precision with loss scaling (the default on a GPU; on the CPU, LoRA and QLoRA "
+                            "train with it: DeepSpeed has no fp16 there)")
+    group.add_argument("--dtype", choices=(AUTO_DTYPE, *DTYPE_NAMES), default=AUTO_DTYPE,
+                       help="dtype the weights load in; auto: bfloat16 with --use_flash_attention, float32 otherwise "
+                            "(--bf16 --dtype bfloat16: the flash configuration's weights with SDPA)")
+
+
 def resolve_run_config(
     args: argparse.Namespace, task: Task | None = None, distributed: Distributed | None = None
 ) -> RunConfig:
@@ -158,9 +173,13 @@ def resolve_run_config(
 
     distributed = Distributed.launched() if distributed is None else distributed
     problems = _problems(args, distributed.world_size)
-    bf16 = args.bf16 or bool(task and task.flash_attention_implies_bf16 and args.use_flash_attention)
+    implied_bf16 = bool(task and task.flash_attention_implies_bf16 and args.use_flash_attention and not args.fp16)
+    bf16 = args.bf16 or implied_bf16
     try:
-        precision = resolve_precision(bf16, args.use_flash_attention, local_rank=distributed.local_rank)
+        precision = resolve_precision(
+            bf16, args.use_flash_attention, local_rank=distributed.local_rank, fp16=args.fp16, dtype=args.dtype,
+            uses_deepspeed=not (args.use_lora or args.use_qlora),
+        )
     except UsageError as error:
         problems.append(str(error))
     if problems:

@@ -15,6 +15,8 @@ if TYPE_CHECKING:  # annotations only: this module imports nothing at run time
     from .precision import Precision
     from .strategy import TrainingStrategy
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # --dtype's names of the weights' load dtype (torch's names)
+AUTO_DTYPE = "auto"  # --dtype auto: bf16 with flash attention, fp32 otherwise (the recipe's rule)
 RESUME_LATEST = "latest"  # --resume_from_checkpoint without a path: the newest checkpoint in output_dir
 DEFAULT_DURING_TRAINING_SAMPLES = 200  # evaluations during training stay a small share of the run's time
 

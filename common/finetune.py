@@ -154,9 +154,11 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
         logger.info("training curves: %s", output_dir / "training_curves.png")
     trainer.accelerator.wait_for_everyone()
 
+    # DeepSpeed trained a half-precision copy of the weights: the saved model is the master weights in the load dtype
+    saved_differs = best is not None or trainer.deepspeed_casts_weights
     model = release_training_state(trainer)
     del trainer
-    if strategy.lora or best is not None:
+    if strategy.lora or saved_differs:
         # Reload the saved model (the adapter onto a fresh base), as users load it; free the trained copy first.
         del model
         gc.collect()

@@ -6,6 +6,11 @@ would log it as the running mean (0.0 when the first steps overflow) and carry o
 that step with the advice. After training, full finetuning would otherwise keep DeepSpeed's engine, its
 fp32 master weights, Adam moments and gradient buffers (~50 GB on one GPU for Phi-3.5-vision) allocated
 through the evaluation that follows.
+
+Two gaps of the libraries are closed here. accelerate ignores fp16 mixed precision on the CPU (it trains in fp32
+without a word): the run gets torch's CPU autocast and loss scaling instead, as on a GPU. DeepSpeed trains a
+bf16/fp16 copy of the weights (the fp32 masters live in its optimizer), which the Trainer would save: every save
+writes the master weights in the dtype the model was loaded in, frozen weights as they were loaded.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from __future__ import annotations
 import gc
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -38,6 +44,44 @@ class FinetuningTrainer(ResumableTrainer):
     def __init__(self, *args, task_evaluation: Callable[[torch.nn.Module], dict[str, float]] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.task_evaluation = task_evaluation
+        self.load_dtype = next(self.model.parameters()).dtype  # before DeepSpeed casts them to its training dtype
+        half = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        self.deepspeed_casts_weights = self.is_deepspeed_enabled and half not in (None, self.load_dtype)
+        # DeepSpeed keeps no fp32 copy of the weights that do not train (frozen vision): the saving rank keeps them
+        # here, on the host
+        self.frozen_weights = {
+            name: parameter.detach().to("cpu", copy=True)
+            for name, parameter in self.model.named_parameters() if not parameter.requires_grad
+        } if self.deepspeed_casts_weights and self.args.should_save else {}
+        if self.args.fp16 and self.accelerator.device.type == "cpu" and not self.accelerator.native_amp:
+            enable_cpu_fp16(self.accelerator)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Every rank calls it (final save and checkpoints); the weights are saved in the dtype they loaded in."""
+        with self.weights_in_load_dtype():
+            super().save_model(output_dir, _internal_call)
+
+    @contextmanager
+    def weights_in_load_dtype(self) -> Iterator[None]:
+        """Within: on the saving rank, DeepSpeed's half-precision training weights replaced by the master weights
+        (the frozen ones as loaded) in the load dtype, on the host; afterwards the training copy is back. Every rank
+        must enter it: each master is gathered from the ranks' ZeRO partitions."""
+        if not self.deepspeed_casts_weights or self.model_wrapped is self.model:  # not (yet) under DeepSpeed
+            yield
+            return
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        training_copy = {}
+        for name, parameter in self.model.named_parameters():
+            master = safe_get_full_fp32_param(parameter) if parameter.requires_grad else self.frozen_weights.get(name)
+            if self.args.should_save:
+                training_copy[parameter] = parameter.data
+                parameter.data = master.to("cpu", self.load_dtype)
+        try:
+            yield
+        finally:
+            for parameter, data in training_copy.items():
+                parameter.data = data
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         if self.task_evaluation is None:
@@ -91,6 +135,14 @@ class DrawEpochCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.dataset.set_epoch(math.floor(state.epoch or 0))
+
+
+def enable_cpu_fp16(accelerator) -> None:
+    """fp16 autocast and loss scaling on the CPU, which accelerate leaves off (it only sets them up on accelerators):
+    the Trainer's forward passes run under `accelerator.autocast`, and its backward, gradient clipping,
+    optimizer step and checkpoints (scaler.pt) use `accelerator.scaler`, as on a GPU."""
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu")
 
 
 def make_trainer(model, processor, train_args: TrainingArguments, dataset, collator,

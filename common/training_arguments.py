@@ -66,6 +66,7 @@ def training_arguments(
         **saving,  # --save_total_limit is kept by ResumableTrainer, once the newest checkpoint is complete
         bf16=precision.bf16,
         fp16=precision.fp16,
+        use_cpu=distributed.device.type == "cpu",  # else the Trainer refuses bf16 without a GPU
         remove_unused_columns=False,
         report_to=training.report_to,
         deepspeed=training.deepspeed_config,

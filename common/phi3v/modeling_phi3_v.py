@@ -180,7 +180,9 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
             )
         offset_in_span = torch.arange(len(rows), device=rows.device) - span_start[span_id]
         feature_start = lengths.cumsum(0) - lengths
-        flat_features = torch.cat(image_features).to(inputs_embeds.dtype)
+        # Each image in the embeddings' dtype before they are joined: QLoRA's projection answers in its compute dtype
+        # (fp16), which autocast refuses to concatenate under bf16.
+        flat_features = torch.cat([features.to(inputs_embeds.dtype) for features in image_features])
         return inputs_embeds.index_put((rows, cols), flat_features[feature_start[span_id] + offset_in_span])
 
     def embed_inputs(

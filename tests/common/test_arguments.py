@@ -371,6 +371,31 @@ def test_hub_ids_pass(hub_id):
     assert validated("--model_name_or_path", hub_id).model.name_or_path == hub_id
 
 
+def test_help_documents_the_precision_flags():
+    import predict
+
+    for parser in (build_parser("test"), predict.build_parser()):
+        text = " ".join(parser.format_help().split())
+        assert "--fp16 fp16 mixed precision with loss scaling" in text
+        assert "--dtype {auto,float32,bfloat16,float16} dtype the weights load in" in text
+        assert "--bf16 bf16 autocast" in text
+
+
+def test_dtype_is_one_of_the_hugging_face_names(capsys):
+    assert parse().dtype == "auto" and not parse().fp16
+    assert parse("--dtype", "bfloat16", "--fp16").dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        parse("--dtype", "bf16")
+    assert "invalid choice: 'bf16'" in capsys.readouterr().err
+
+
+def test_precision_problems_are_listed_with_the_others(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    message = problems_of("--bf16", "--fp16", "--num_crops", "0")
+    assert "--bf16 and --fp16 exclude each other" in message and "--num_crops" in message
+    assert "--dtype float16 does not go with --bf16" in problems_of("--bf16", "--dtype", "float16")
+
+
 def test_flash_attention_problems_are_listed_with_the_others(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     message = problems_of("--use_flash_attention", "--bf16", "--num_crops", "0")
