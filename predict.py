@@ -31,6 +31,7 @@ from common.inference import (
 from common.logging_setup import setup_logging
 from common.metrics import METRICS
 from common.precision import resolve_precision
+from common.report.run import write_prediction_report
 
 logger = logging.getLogger("predict")
 
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None):
     if (value := score(answers, METRICS[args.metric])) is not None:
         scored = sum(item.reference is not None for item in answers)
         print(f"{args.metric.upper()}: {value:.4f} ({scored} samples with a reference)", flush=True)
+    report = write_prediction_report(Path(args.output), dataset, answers, METRICS[args.metric], value,
+                                     {"model": source.describe(), "data": args.data_file})
+    logger.info("evaluation report: %s", report)
     return answers
 
 
