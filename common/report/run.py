@@ -48,6 +48,8 @@ class RunReport:
         """The evaluation `when` ("before", "after") is in `report_path` (with its samples file): rewrite."""
         self.evaluations[when] = report_path
         self.write()
+        if self.distributed.is_main:
+            logger.info("evaluation report: %s", self.path)
 
     def progress(self, log_history: list[dict], final_step: int | None = None) -> None:
         """The metric during training, from the Trainer's log history (`final_step`: where training ended)."""
@@ -68,7 +70,6 @@ class RunReport:
                 evaluations.append(Evaluation(when, WHEN[when], score, records))
         title = f"{self.identity['task']} · {self.identity['strategy']}"
         write_page(self.path, page_data(title, self.identity, self.metric.name, self.views, evaluations, self.curve))
-        logger.info("evaluation report: %s", self.path)
 
     def callback(self, during_samples: int) -> TrainerCallback:
         """The Trainer callback that rewrites the report after each evaluation during training (on the first
