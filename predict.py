@@ -84,6 +84,7 @@ def predict(args: argparse.Namespace):
     )
     from common.logging_setup import setup_logging
     from common.precision import resolve_precision
+    from common.report.run import write_prediction_report
 
     distributed = Distributed.launched()
     setup_logging(distributed, args.verbose)
@@ -112,6 +113,9 @@ def predict(args: argparse.Namespace):
     if (value := score(answers, METRICS[args.metric])) is not None:
         scored = sum(item.reference is not None for item in answers)
         print(f"{args.metric.upper()}: {value:.4f} ({scored} samples with a reference)", flush=True)
+    report = write_prediction_report(Path(args.output), dataset, answers, METRICS[args.metric], value,
+                                     {"model": source.describe(), "data": args.data_file})
+    logger.info("evaluation report: %s", report)
     return answers
 
 

@@ -2,7 +2,9 @@
 
 Every rank generates for its shard (samples rank, rank + world, ...) in left-padded batches; the
 predictions are gathered on every rank, put back in dataset order and scored there (every rank gets the
-report); rank 0 writes the JSON report.
+report); rank 0 writes the JSON report in the recipe's layout and, beside it, what the recipe's lists leave out:
+`<report>.samples.jsonl`, one line per sample in dataset order, {"index", "id", "prediction" (as generated),
+"references", "score" (the metric of that sample alone)}, which the evaluation report (common/report/) shows.
 """
 
 from __future__ import annotations
@@ -72,10 +74,18 @@ def evaluation_report(
     show_progress: bool | None = None,
 ) -> dict:
     """Generate and score, on every rank: the metric's report (the headline score is `report[metric.name]`)."""
-    records = generate_predictions(
+    return _scored(metric, _generate(model, processor, dataset, evaluation, distributed, show_progress))
+
+
+def _generate(model, processor, dataset, evaluation: EvaluationConfig, distributed: Distributed,
+              show_progress: bool | None = None) -> list[dict]:
+    return generate_predictions(
         model, processor, dataset, evaluation.batch_size, evaluation.max_new_tokens, evaluation.dataloader_num_workers,
         evaluation.show_progress if show_progress is None else show_progress, distributed,
     )
+
+
+def _scored(metric: Metric, records: list[dict]) -> dict:
     return metric.report(
         [record["id"] for record in records],
         [record["prediction"] for record in records],
@@ -87,12 +97,38 @@ def evaluate(
     model, processor, dataset: SampleDataset, metric: Metric, save_path: Path, evaluation: EvaluationConfig,
     distributed: Distributed,
 ) -> dict:
-    """Generate, score and (rank 0) write `save_path` in the recipe's layout for the metric; every rank gets
-    the report (the headline score is `report[metric.name]`)."""
-    report = evaluation_report(model, processor, dataset, metric, evaluation, distributed)
+    """Generate, score and (rank 0) write `save_path` in the recipe's layout for the metric, and its samples
+    file (`samples_path`); every rank gets the report (the headline score is `report[metric.name]`)."""
+    records = _generate(model, processor, dataset, evaluation, distributed)
+    report = _scored(metric, records)
     if distributed.is_main:
         save_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = save_path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(report, ensure_ascii=False))
-        temporary.replace(save_path)
+        _write_whole(save_path, json.dumps(report, ensure_ascii=False))
+        _write_whole(samples_path(save_path), "".join(
+            json.dumps({**record, "score": sample_score(metric, record)}, ensure_ascii=False) + "\n"
+            for record in records))
     return report
+
+
+def sample_score(metric: Metric, record: dict) -> float:
+    """The metric of one sample alone (its headline score is their mean: both metrics average over samples)."""
+    return _scored(metric, [record])[metric.name]
+
+
+def samples_path(report_path: Path) -> Path:
+    """eval_after.json -> eval_after.samples.jsonl: the per-sample records of that evaluation."""
+    return report_path.with_name(f"{report_path.stem}.samples.jsonl")
+
+
+def read_samples(report_path: Path) -> list[dict] | None:
+    """The per-sample records written with `report_path` (None when there are none, e.g. an older run's)."""
+    path = samples_path(report_path)
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _write_whole(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    temporary.replace(path)

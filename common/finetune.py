@@ -23,7 +23,7 @@ from .checkpoints import newest_complete_checkpoint, why_incomplete
 from .config import EvaluationConfig, OutputConfig, RunConfig
 from .distributed import Distributed
 from .errors import UserError
-from .evaluation import evaluate
+from .evaluation import evaluate, samples_path
 from .logging_setup import setup_logging
 from .metrics import Metric
 from .model_card import publish_run
@@ -32,6 +32,7 @@ from .packing import train_collator
 from .plotting import plot_training_curves
 from .preemption import Interrupted, PreemptionCallback, StopSignals, report_and_exit, resume_command
 from .preview import run_preview
+from .report.run import REPORT_FILE, RunReport
 from .run_directory import (
     RUN_FILE,
     completed_evaluation,
@@ -110,7 +111,8 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
 
     output_dir = Path(outputs.output_dir)
     created_output_dir = not output_dir.exists()
-    results, written = {}, []
+    results, written = {}, [REPORT_FILE]
+    report = RunReport(output_dir, identity, task.metric, eval_dataset, distributed)
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     preemption = PreemptionCallback(signals)
@@ -121,12 +123,14 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
                 results["before"] = _evaluation_before(
                     model, processor, task, eval_dataset, identity, output_dir, evaluation, distributed, written
                 )
+            report.evaluated("before", output_dir / "eval_before.json")
         written.append(RUN_FILE)
         record_run(output_dir, identity, distributed)
         signals.activity = "the set-up of training"
         watch, task_evaluation = _evaluation_during_training(config, task, processor, eval_dataset, distributed)
+        rewrite_report = report.callback(len(task_evaluation.dataset) if task_evaluation else 0)
         trainer = make_trainer(model, processor, train_args, train_dataset, train_collator(processor, config.training),
-                               keep_checkpoints=outputs.save_total_limit, callbacks=[preemption, *watch],
+                               keep_checkpoints=outputs.save_total_limit, callbacks=[preemption, *watch, rewrite_report],
                                distributed=distributed, task_evaluation=task_evaluation)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except UserError:
@@ -149,6 +153,7 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
     logger.info("%s saved to %s%s", "LoRA adapter" if strategy.lora else "model", output_dir,
                 f" (the best, {best.name})" if best else "")
     trainer.save_state()  # trainer_state.json: the run's log history (loss, learning rate, eval_<metric>) and best
+    report.progress(trainer.state.log_history, trainer.state.global_step)
     if distributed.is_main:
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
         logger.info("training curves: %s", output_dir / "training_curves.png")
@@ -170,6 +175,7 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
         results["after"] = _evaluate_and_report(
             model, processor, task, eval_dataset, output_dir / "eval_after.json", "after", evaluation, distributed
         )
+    report.evaluated("after", output_dir / "eval_after.json")
     if distributed.is_main:
         if outputs.merge:
             _write_merged(model, processor, output_dir)
@@ -220,7 +226,7 @@ def _evaluation_before(
     path = output_dir / "eval_before.json"
     score = completed_evaluation(path, identity, task.metric, len(eval_dataset))
     if score is None:
-        written.append(path.name)
+        written += [path.name, samples_path(path).name]
         return _evaluate_and_report(model, processor, task, eval_dataset, path, "before", evaluation, distributed)
     logger.info("%s before finetuning: %.4f, from %s (already evaluated by this run)", task.metric.name, score, path)
     if distributed.is_main:

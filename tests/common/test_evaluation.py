@@ -11,7 +11,7 @@ import common.evaluation as evaluation_module
 from common.config import EvaluationConfig
 from common.data import Sample, SampleDataset, Turn
 from common.distributed import ONE_PROCESS, Distributed
-from common.evaluation import evaluate, generate_predictions
+from common.evaluation import evaluate, generate_predictions, read_samples
 from common.metrics import ACCURACY, Metric, normalize_answer
 
 MAX_NEW_TOKENS = 6
@@ -113,7 +113,14 @@ def test_evaluate_writes_the_report_atomically(model, processor, unbatched, tmp_
     assert json.loads(path.read_text()) == report == ACCURACY.report(["first", "second", "third"], unbatched, references)
     assert report["answers_unique"] == ["no", "red", "true"]  # the first reference, normalised
     assert report["generated_texts_unique"] == [normalize_answer(p) for p in unbatched]
-    assert sorted(p.name for p in path.parent.iterdir()) == ["eval_before.json"]  # no .tmp left behind
+    assert sorted(p.name for p in path.parent.iterdir()) == ["eval_before.json", "eval_before.samples.jsonl"]  # no .tmp
+    samples = read_samples(path)  # beside the recipe's lists: each sample's answer as generated, and its score
+    assert [s["index"] for s in samples] == [0, 1, 2]
+    assert [s["id"] for s in samples] == ["first", "second", "third"]
+    assert [s["prediction"] for s in samples] == unbatched and [s["references"] for s in samples] == references
+    assert [s["score"] for s in samples] == [float(g == a) for g, a in zip(report["generated_texts_unique"],
+                                                                            report["answers_unique"], strict=True)]
+    assert sum(s["score"] for s in samples) / len(samples) == report["accuracy"]
 
 
 def test_evaluate_writes_the_metrics_report(monkeypatch, tmp_path):
@@ -137,6 +144,7 @@ def test_evaluate_writes_the_metrics_report(monkeypatch, tmp_path):
     assert report == {"ids": ["a", "b"], "anls_like": 0.25}
     assert seen == dict(batch_size=4, max_new_tokens=9, workers=0, progress=True)
     assert json.loads(path.read_text()) == report  # replaced
+    assert [(s["id"], s["prediction"], s["score"]) for s in read_samples(path)] == [("a", " Yes.", 0.25), ("b", "No", 0.25)]
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -145,4 +153,4 @@ def test_evaluate_writes_nothing_on_other_ranks(monkeypatch, tmp_path):
         {"index": 0, "id": "a", "prediction": "yes", "references": ["yes"]}])
     path = tmp_path / "eval.json"
     assert evaluate(None, None, None, ACCURACY, path, eval_config(), SECOND_OF_TWO)["accuracy"] == 1.0  # every rank
-    assert not path.exists()
+    assert not path.exists() and read_samples(path) is None
