@@ -9,8 +9,9 @@
 --base_model overrides), a checkpoint-N/ or merged/ folder, an official model folder or a hub id.
 --data_file: a conversation file in any of the training formats (docs/data.md), the last question's answer
 optional; a conversation is asked as the evaluation asks it. Writes {"id", "prediction", "reference"} per line in input
-order, and prints the metric over the samples that have a reference. Run with the training run's --bf16 /
---fp16 / --dtype / --use_flash_attention to get its evaluation's answers exactly.
+order, and prints the metric over the samples that have a reference. Beside --output it writes the evaluation
+report of the answers (answers.jsonl -> answers.html; docs/evaluation-report.md). Run with the training run's
+--bf16 / --fp16 / --dtype / --use_flash_attention to get its evaluation's answers exactly.
 """
 
 import argparse
