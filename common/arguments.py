@@ -147,7 +147,7 @@ def resolve_run_config(
     `distributed`: the run's processes (default: as launched).
     """
     distributed = Distributed.launched() if distributed is None else distributed
-    problems = _problems(args, distributed.world_size)
+    problems = _problems(args, distributed.world_size) + (task.flag_problems(args) if task and task.flag_problems else [])
     bf16 = args.bf16 or bool(task and task.flash_attention_implies_bf16 and args.use_flash_attention)
     try:
         precision = resolve_precision(bf16, args.use_flash_attention, local_rank=distributed.local_rank)

@@ -31,6 +31,11 @@ class Task:
     load_datasets: Callable[[DataConfig, Any], tuple[SampleDataset, SampleDataset]] | None = None
     options: type | None = None
     flash_attention_implies_bf16: bool = False
+    reads_conversations: bool = True  # --data_dir/--train_file/messages datasets are conversations (common/formats)
+    # What the run trains for and how it is scored (common/objective.py); None: the recipe's supervised finetuning
+    objective: Any = None
+    # The task's own flag rules: parsed flags -> problems, listed with the shared ones (common/arguments.py)
+    flag_problems: Callable[[Any], list[str]] | None = None
 
     def scored_by(self, metric: str | None) -> Task:
         """The task with --metric's metric instead of its own (None, or its own metric's name: unchanged)."""
@@ -41,7 +46,7 @@ class Task:
 
 def load_datasets(task: Task, data: DataConfig, options: Any = None) -> tuple[SampleDataset, SampleDataset]:
     """Custom conversations (every task reads them: common/formats, checked in full here) or the task's own."""
-    conversations = load_conversations(data)
+    conversations = load_conversations(data) if task.reads_conversations else None
     if conversations is not None:
         train, evaluation = conversations
     elif task.load_datasets is None:
