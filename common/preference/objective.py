@@ -34,7 +34,16 @@ from ..task import Task
 from ..trainer import make_trainer
 from .batches import PairCollator, PairEncoder
 from .loss import METRICS, PreferenceObjective, pair_losses, sequence_logps
-from .reference import STORED_FILE, AdaptersDisabled, FrozenCopy, Precomputed, by_id, pair_values, store_logps, stored_logps
+from .reference import (
+    STORED_FILE,
+    AdaptersDisabled,
+    FrozenCopy,
+    Precomputed,
+    by_id,
+    pair_values,
+    store_logps,
+    stored_logps,
+)
 from .sources import load_preference_pairs
 from .trainer import PreferenceTrainer
 

@@ -43,8 +43,8 @@ def build_pair(sample_id: str, messages: list[Message], syntax: Syntax, images: 
 def answer_text(message: Message, key: str, syntax: Syntax) -> str:
     """The text of an answer given as a message: an assistant message without images, not empty."""
     if message.role != Role.ASSISTANT:
-        raise RecordError(f"'{key}' must be an {syntax.name(Role.ASSISTANT)} message, got a "
-                          f"{syntax.name(message.role)} message")
+        raise RecordError(f"'{key}' must be an answer (a {syntax.name(Role.ASSISTANT)!r} message), got a "
+                          f"{syntax.name(message.role)!r} message")
     if message.placeholders:
         raise RecordError(f"'{key}': an image placeholder {syntax.placeholder} in an answer; images belong to the prompt")
     return plain_answer(message.pieces[0], key)

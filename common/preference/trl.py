@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from ..formats import chat
 from ..formats.conversation import RecordError, ResolveImage, Syntax
-from .pairs import IMAGE_PLACEHOLDER, PreferencePair, answer_text, build_pair, image_list, plain_answer, question_messages
+from .pairs import (
+    IMAGE_PLACEHOLDER,
+    PreferencePair,
+    answer_text,
+    build_pair,
+    image_list,
+    plain_answer,
+    question_messages,
+)
 
 MESSAGES_SYNTAX = Syntax("prompt", '{"type": "image"}')
 TEXT_SYNTAX = Syntax("prompt", IMAGE_PLACEHOLDER)
