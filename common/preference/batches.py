@@ -23,7 +23,7 @@ import torch
 
 from ..collators import END_OF_ANSWER, ConversationEncoder
 from ..errors import UserError
-from ..packing import concatenate, pack_rows
+from ..packing import pack_rows, packed_rows
 from ..phi3v.processing_phi3_v import pad_sequences, split_counts
 from .pairs import PreferencePair
 
@@ -143,14 +143,6 @@ class PairCollator:
 
     def _packed(self, ids, marks, images) -> dict:
         rows = pack_rows([len(s) for s in ids], self.max_packed_tokens or max(len(s) for s in ids))
-        width = max(sum(len(ids[i]) for i in row) for row in rows)
-        columns = {"input_ids": [], "answer_sequence": [], "position_ids": []}
-        for row in rows:
-            row_ids, row_marks, positions = concatenate(ids, marks, row)
-            padding = width - len(row_ids)
-            columns["input_ids"].append(row_ids + [self.pad_token_id] * padding)
-            columns["answer_sequence"].append(row_marks + [NOT_AN_ANSWER] * padding)
-            columns["position_ids"].append(positions + list(range(padding)))
-        batch = {name: torch.tensor(values, dtype=torch.long) for name, values in columns.items()}
+        batch = packed_rows(ids, {"answer_sequence": (marks, NOT_AN_ANSWER)}, rows, self.pad_token_id)
         batch["span_images"] = [image for row in rows for i in row for image in images[i]]
         return batch

@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..formats.conversation import ConversationFormat, RecordError
 from ..formats.files import read_file
 from ..formats.images import ImagePaths
-from ..formats.sources import data_dir_files, fresh_copy, hold_out
+from ..formats.sources import data_files_of, fresh_copy, hold_out
 from ..formats.tables import dataset_parts
 from . import rlaif, sharegpt, trl
 from .pairs import PreferencePair
@@ -33,12 +33,8 @@ FORMATS = tuple(ConversationFormat(module.NAME, module.SHAPE, module.matches, mo
 def load_preference_pairs(data: DataConfig) -> tuple[SampleDataset, SampleDataset]:
     """(train, evaluation) datasets of `PreferencePair`s."""
     image_folder = Path(data.image_folder) if data.image_folder else None
-    if data.train_file:
-        source = f"--train_file {data.train_file}"
-        train_files, eval_files = [Path(data.train_file)], [Path(data.eval_file)] if data.eval_file else []
-    elif data.data_dir:
-        source = f"--data_dir {data.data_dir}"
-        train_files, eval_files = data_dir_files(Path(data.data_dir))
+    if files := data_files_of(data):
+        source, train_files, eval_files = files
     elif data.dataset_path:
         source = f"--dataset_path {data.dataset_path}"
         train, evaluation = _dataset(Path(data.dataset_path), image_folder)

@@ -16,16 +16,22 @@ LOG_HISTORY = [
 ]
 
 
-def test_writes_a_png_of_loss_and_learning_rate(tmp_path, monkeypatch):
-    figures = []
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """The figures the plotting draws, in order."""
+    drawn = []
     real_subplots = plt.subplots
 
     def recording_subplots(*args, **kwargs):
         figure, axes = real_subplots(*args, **kwargs)
-        figures.append(figure)
+        drawn.append(figure)
         return figure, axes
 
     monkeypatch.setattr(plotting_module.plt, "subplots", recording_subplots)
+    return drawn
+
+
+def test_writes_a_png_of_loss_and_learning_rate(tmp_path, figures):
     path = tmp_path / "training_curves.png"
     assert plot_training_curves(LOG_HISTORY, path) == path
 
@@ -81,16 +87,7 @@ def test_the_task_metric_logged_during_training_gets_its_own_panel(tmp_path, mon
     assert line.get_label() == "anls"
 
 
-def test_a_preference_run_gets_a_rewards_panel(tmp_path, monkeypatch):
-    figures = []
-    real_subplots = plt.subplots
-
-    def recording_subplots(*args, **kwargs):
-        figure, axes = real_subplots(*args, **kwargs)
-        figures.append(figure)
-        return figure, axes
-
-    monkeypatch.setattr(plotting_module.plt, "subplots", recording_subplots)
+def test_a_preference_run_gets_a_rewards_panel(tmp_path, figures):
     rewards = {"rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/margins": 0.0, "rewards/accuracies": 0.0,
                "logps/chosen": -30.0, "logps/rejected": -31.0}
     history = [
