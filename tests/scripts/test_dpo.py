@@ -79,8 +79,8 @@ def assert_same_weights(first: Path, second: Path, strategy: str, atol: float = 
 @pytest.fixture(scope="module")
 def runs(launcher, tiny_model_dir, data, tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo_runs")
-    jobs = {strategy: (SCRIPT, dpo_args(tiny_model_dir, root / strategy, data, *STRATEGIES[strategy]))
-            for strategy in ("full", "lora")}
+    jobs = {strategy: (SCRIPT, dpo_args(tiny_model_dir, root / strategy, data, *STRATEGIES[strategy], *merge))
+            for strategy, merge in (("full", []), ("lora", ["--merge"]))}
     jobs["full_precomputed"] = (SCRIPT, dpo_args(tiny_model_dir, root / "full_precomputed", data,
                                                  "--precompute_ref_log_probs"))
     return root, launcher.run_many(jobs)
@@ -121,6 +121,18 @@ def test_precomputed_and_live_reference_give_the_same_run(runs):
                 assert other[name] == pytest.approx(entry[name], abs=1e-5), name
     stored = json.loads((root / "full_precomputed" / "reference_logps.json").read_text())
     assert sorted(stored["train"]) == [f"pairs-{i}" for i in range(4)] and len(stored["evaluation"]) == 2
+
+
+def test_predict_answers_with_the_adapter_and_with_the_merged_model(runs, launcher, data):
+    root, _ = runs
+    image = data["root"] / "images" / "pairs_val-0.png"
+    answers = []
+    for model in (root / "lora", root / "lora" / "merged"):
+        result = launcher.run(REPO_ROOT / "predict.py", ["--model", model, "--image", image, "--prompt", COLOUR_QUESTION,
+                                                         "--max_new_tokens", "4", "--no-tqdm"]).check()
+        answers.append(result.stdout.strip().splitlines()[-1])
+    assert answers[0] == answers[1]
+    assert (root / "lora" / "merged" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
