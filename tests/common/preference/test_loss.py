@@ -72,27 +72,33 @@ def model_and_pairs(tiny_model_dir, tmp_path_factory):
     return processor, model, pairs
 
 
-def alone(model, processor, pair, answer: list[int], prompt: list[int]) -> float:
-    """A forward of one sequence with its own images and every logit: the answer tokens' log-probabilities."""
-    batch = PairCollator(PairEncoder(processor))([pair])
-    ids = torch.tensor([prompt + answer])
-    images = {"pixel_values": batch["pixel_values"], "image_sizes": batch["image_sizes"]} if "pixel_values" in batch else {}
-    logits = model(input_ids=ids, **images).logits[0].log_softmax(-1)
-    return sum(logits[len(prompt) + i - 1, token].item() for i, token in enumerate(answer))
+@pytest.fixture(scope="module")
+def alone(model_and_pairs) -> list[list[float]]:
+    """Per pair, [chosen, rejected]: a forward of each sequence alone, with its own images and every logit, the
+    answer tokens' log-probabilities summed."""
+    processor, model, pairs = model_and_pairs
+    encoded, _ = PairEncoder(processor).encode(pairs)
+    logps = []
+    for pair, one in zip(pairs, encoded, strict=True):
+        batch = PairCollator(PairEncoder(processor))([pair])
+        images = {name: batch[name] for name in ("pixel_values", "image_sizes") if name in batch}
+        logps.append([])
+        for answer in (one.chosen, one.rejected):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([one.prompt + answer]), **images).logits[0].log_softmax(-1)
+            logps[-1].append(sum(logits[len(one.prompt) + i - 1, token].item() for i, token in enumerate(answer)))
+    return logps
 
 
 @pytest.mark.parametrize("packing", [False, True])
-def test_sequence_logps_equal_a_forward_of_each_sequence_alone(model_and_pairs, packing):
+def test_sequence_logps_equal_a_forward_of_each_sequence_alone(model_and_pairs, alone, packing):
     processor, model, pairs = model_and_pairs
-    collator = PairCollator(PairEncoder(processor), packing=packing)
-    batch = collator(pairs)
+    batch = PairCollator(PairEncoder(processor), packing=packing)(pairs)
     assert len(batch["pixel_values"]) == sum(len(pair.images) for pair in pairs)  # each image once
     assert len(batch["image_of_span"]) == 2 * len(batch["pixel_values"])  # in both sequences of its pair
     with torch.no_grad():
         logps, tokens = sequence_logps(model, batch)
     encoded, _ = PairEncoder(processor).encode(pairs)
-    for index, (pair, one) in enumerate(zip(pairs, encoded, strict=True)):
-        with torch.no_grad():
-            expected = [alone(model, processor, pair, answer, one.prompt) for answer in (one.chosen, one.rejected)]
-        assert logps[index].tolist() == pytest.approx(expected, abs=1e-4)
+    for index, one in enumerate(encoded):
+        assert logps[index].tolist() == pytest.approx(alone[index], abs=1e-4)
         assert tokens[index].tolist() == [len(one.chosen), len(one.rejected)]
