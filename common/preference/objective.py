@@ -166,7 +166,8 @@ class PreferenceRun:
         def evaluate(model) -> dict[str, float]:
             device = distributed.device
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), precision.autocast(device):
-                report = self.report(model, processor, dataset, evaluation.batch_size, 0, distributed)
+                report = self.report(model, processor, dataset, evaluation.batch_size,
+                                     evaluation.dataloader_num_workers, distributed)
             return {f"eval_{name}": report[name] for name in (*METRICS, "loss")}
 
         return evaluate

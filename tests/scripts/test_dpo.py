@@ -211,12 +211,25 @@ def test_the_preference_is_learnt(launcher, tiny_model_dir, tmp_path):
             "--output_dir", tmp_path / "out", "--use_lora", "--lora_rank", "8", "--batch_size", "4",
             "--batch_size_per_gpu", "4", "--num_train_epochs", "6", "--learning_rate", "3e-3", "--warmup_steps", "2",
             "--num_crops", "1", "--dataloader_num_workers", "0", "--logging_steps", "6", "--no-tqdm",
-            "--eval_steps", "18"]
-    launcher.run(SCRIPT, args).check()
-    before, after = read_eval(tmp_path / "out", "before"), read_eval(tmp_path / "out", "after")
+            "--eval_steps", "18", "--keep_best", "--report_to", "tensorboard"]
+    result = launcher.run(SCRIPT, args).check()
+    output_dir = tmp_path / "out"
+    before, after = read_eval(output_dir, "before"), read_eval(output_dir, "after")
     assert before["rewards/accuracies"] == 0.0
     assert after["rewards/accuracies"] >= 0.9 and after["rewards/margins"] > 0, after
-    assert any("eval_rewards/accuracies" in entry for entry in history(tmp_path / "out"))
+    evaluated = {entry["step"]: entry["eval_rewards/accuracies"] for entry in history(output_dir)
+                 if "eval_rewards/accuracies" in entry}
+    assert sorted(evaluated) == [18, 36]
+    assert "BEST REWARDS/ACCURACIES during training" in result.stdout  # --keep_best follows the reward accuracy
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with Image.open(output_dir / "training_curves.png") as image:
+        assert image.size == (2000, 400)  # loss, learning rate, the reward accuracy, the rewards panel
+    events = EventAccumulator(str(next(output_dir.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [event.step for event in events.Scalars("eval/rewards/accuracies")] == [18, 36]
+    assert {"train/rewards/chosen", "train/rewards/margins", "train/logps/rejected"} <= set(events.Tags()["scalars"])
 
 
 @pytest.mark.slow
