@@ -136,6 +136,16 @@ def test_predict_answers_with_the_adapter_and_with_the_merged_model(runs, launch
 
 
 @pytest.mark.slow
+def test_a_run_starts_from_a_merged_model_which_is_its_reference(runs, launcher, data, tmp_path):
+    root, _ = runs
+    start = root / "lora" / "merged"  # a finetuned model saved whole, as a supervised run's --merge leaves it
+    launcher.run(SCRIPT, dpo_args(start, tmp_path / "out", data, "--use_lora")).check()
+    first = next(entry for entry in history(tmp_path / "out") if "loss" in entry)
+    assert first["loss"] == LN_2
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(start)
+
+
+@pytest.mark.slow
 def test_micro_batches_of_1_and_4_end_with_the_same_adapter(launcher, tiny_model_dir, data, tmp_path):
     jobs = {size: (SCRIPT, dpo_args(tiny_model_dir, tmp_path / str(size), data, "--use_lora", "--batch_size", "4",
                                     "--batch_size_per_gpu", size, "--max_steps", "2", "--skip_eval_before"))
