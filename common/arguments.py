@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -172,7 +173,7 @@ def resolve_run_config(
     from .precision import resolve_precision
 
     distributed = Distributed.launched() if distributed is None else distributed
-    problems = _problems(args, distributed.world_size)
+    problems = _problems(args, distributed.world_size) + _task_problems(args, task)
     implied_bf16 = bool(task and task.flash_attention_implies_bf16 and args.use_flash_attention and not args.fp16)
     bf16 = args.bf16 or implied_bf16
     try:
@@ -237,12 +238,16 @@ def deepspeed_config_problems(path: str) -> list[str]:
     return []
 
 
-def check_flags(args: argparse.Namespace) -> None:
-    """The checks that need no library (values, combinations, files), before any loads: one UsageError lists
-    every problem they find. `resolve_run_config` repeats them with the ones that need torch (the batch size
-    against the launched processes, the precision flags against the GPU)."""
-    if problems := _problems(args, processes=None):
+def check_flags(args: argparse.Namespace, flag_problems: Callable[[argparse.Namespace], list[str]] | None = None) -> None:
+    """The checks that need no library (values, combinations, files; the task's own rules), before any loads: one
+    UsageError lists every problem they find. `resolve_run_config` repeats them with the ones that need torch (the
+    batch size against the launched processes, the precision flags against the GPU)."""
+    if problems := _problems(args, processes=None) + (flag_problems(args) if flag_problems else []):
         raise UsageError("invalid arguments:\n  " + "\n  ".join(problems))
+
+
+def _task_problems(args: argparse.Namespace, task: Task | None) -> list[str]:
+    return task.flag_problems(args) if task and task.flag_problems else []
 
 
 def _problems(args: argparse.Namespace, processes: int | None) -> list[str]:

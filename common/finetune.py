@@ -23,16 +23,15 @@ from .checkpoints import newest_complete_checkpoint, why_incomplete
 from .config import EvaluationConfig, OutputConfig, RunConfig
 from .distributed import Distributed
 from .errors import UserError
-from .evaluation import evaluate, samples_path
+from .evaluation import samples_path
 from .logging_setup import setup_logging
 from .metrics import Metric
 from .model_card import publish_run
 from .model_loading import load_model, load_processor_and_model
-from .packing import train_collator
+from .objective import SUPERVISED
 from .plotting import plot_training_curves
 from .preemption import Interrupted, PreemptionCallback, StopSignals, report_and_exit, resume_command
-from .preview import run_preview
-from .report.run import REPORT_FILE, RunReport
+from .report.run import REPORT_FILE
 from .run_directory import (
     RUN_FILE,
     completed_evaluation,
@@ -42,14 +41,9 @@ from .run_directory import (
     run_identity,
 )
 from .task import Task, load_datasets
-from .trainer import FinetuningTrainer, make_trainer, release_training_state
+from .trainer import FinetuningTrainer, release_training_state
 from .training_arguments import training_arguments
-from .training_evaluation import (
-    BestCheckpointCallback,
-    TaskEvaluation,
-    during_training_subset,
-    export_checkpoint_model,
-)
+from .training_evaluation import BestCheckpointCallback, during_training_subset, export_checkpoint_model
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +85,9 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
     strategy, precision, outputs, evaluation = config.strategy, config.precision, config.outputs, config.evaluation
     setup_logging(signals.distributed, config.verbose)  # before the libraries load anything
     train_dataset, eval_dataset = load_datasets(task, config.data, config.task_options)
+    objective = task.objective or SUPERVISED
     if config.preview_samples:
-        run_preview(config, train_dataset, eval_dataset, signals.distributed)
+        objective.preview(config, train_dataset, eval_dataset, signals.distributed)
         return {}
     distributed = signals.distributed.started(strategy.uses_deepspeed)
     train_args = training_arguments(
@@ -112,26 +107,31 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
     output_dir = Path(outputs.output_dir)
     created_output_dir = not output_dir.exists()
     results, written = {}, [REPORT_FILE]
-    report = RunReport(output_dir, identity, task.metric, eval_dataset, distributed)
+    report = objective.run_report(output_dir, identity, task.metric, eval_dataset, distributed)
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     preemption = PreemptionCallback(signals)
     try:
+        objective = objective.start(config, processor, model, train_dataset, eval_dataset, distributed, written)
         if not evaluation.skip_before:
             signals.activity = "the evaluation before training"
             with precision.autocast(distributed.device):
                 results["before"] = _evaluation_before(
-                    model, processor, task, eval_dataset, identity, output_dir, evaluation, distributed, written
+                    objective, model, processor, task, eval_dataset, identity, output_dir, evaluation, distributed,
+                    written,
                 )
             report.evaluated("before", output_dir / "eval_before.json")
         written.append(RUN_FILE)
         record_run(output_dir, identity, distributed)
         signals.activity = "the set-up of training"
-        watch, task_evaluation = _evaluation_during_training(config, task, processor, eval_dataset, distributed)
+        watch, task_evaluation = _evaluation_during_training(
+            objective, config, task, processor, eval_dataset, distributed
+        )
         rewrite_report = report.callback(len(task_evaluation.dataset) if task_evaluation else 0)
-        trainer = make_trainer(model, processor, train_args, train_dataset, train_collator(processor, config.training),
-                               keep_checkpoints=outputs.save_total_limit, callbacks=[preemption, *watch, rewrite_report],
-                               distributed=distributed, task_evaluation=task_evaluation)
+        trainer = objective.make_trainer(
+            model, processor, train_args, train_dataset, config.training, keep_checkpoints=outputs.save_total_limit,
+            callbacks=[preemption, *watch, rewrite_report], distributed=distributed, task_evaluation=task_evaluation,
+        )
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except UserError:
         discard_unresumable_outputs(output_dir, created_output_dir, written, distributed)
@@ -173,7 +173,8 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
     signals.activity = "the evaluation after training"
     with precision.autocast(distributed.device):
         results["after"] = _evaluate_and_report(
-            model, processor, task, eval_dataset, output_dir / "eval_after.json", "after", evaluation, distributed
+            objective, model, processor, task, eval_dataset, output_dir / "eval_after.json", "after", evaluation,
+            distributed,
         )
     report.evaluated("after", output_dir / "eval_after.json")
     if distributed.is_main:
@@ -183,7 +184,8 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
     return results
 
 
-def _evaluation_during_training(config: RunConfig, task: Task, processor, eval_dataset, distributed: Distributed):
+def _evaluation_during_training(objective, config: RunConfig, task: Task, processor, eval_dataset,
+                                 distributed: Distributed):
     """(callbacks, task_evaluation) of --eval_steps / --eval_every_epoch; none without them."""
     during = config.during_training
     if not during.enabled:
@@ -192,7 +194,8 @@ def _evaluation_during_training(config: RunConfig, task: Task, processor, eval_d
     logger.info("evaluating %s during training on %d samples%s%s", task.metric.name, len(subset),
                 f", every {during.eval_steps} steps" if during.eval_steps else "",
                 ", after every epoch" if during.every_epoch else "")
-    evaluation = TaskEvaluation(processor, subset, task.metric, config.evaluation, config.precision, distributed)
+    evaluation = objective.during_training(processor, subset, task.metric, config.evaluation, config.precision,
+                                           distributed)
     return [BestCheckpointCallback(during, task.metric, len(subset))], evaluation
 
 
@@ -218,7 +221,7 @@ def _best_checkpoint(trainer: FinetuningTrainer, config: RunConfig, metric: Metr
 
 
 def _evaluation_before(
-    model, processor, task: Task, eval_dataset, identity: dict, output_dir: Path, evaluation: EvaluationConfig,
+    objective, model, processor, task: Task, eval_dataset, identity: dict, output_dir: Path, evaluation: EvaluationConfig,
     distributed: Distributed, written: list[str],
 ) -> float:
     """The score before training: evaluated, or read back when this same run already evaluated it (a rerun
@@ -227,7 +230,8 @@ def _evaluation_before(
     score = completed_evaluation(path, identity, task.metric, len(eval_dataset))
     if score is None:
         written += [path.name, samples_path(path).name]
-        return _evaluate_and_report(model, processor, task, eval_dataset, path, "before", evaluation, distributed)
+        return _evaluate_and_report(objective, model, processor, task, eval_dataset, path, "before", evaluation,
+                                    distributed)
     logger.info("%s before finetuning: %.4f, from %s (already evaluated by this run)", task.metric.name, score, path)
     if distributed.is_main:
         print(f"{task.metric.name.upper()} before finetuning: {score:.4f}", flush=True)
@@ -235,10 +239,10 @@ def _evaluation_before(
 
 
 def _evaluate_and_report(
-    model, processor, task: Task, dataset, path: Path, when: str, evaluation: EvaluationConfig,
+    objective, model, processor, task: Task, dataset, path: Path, when: str, evaluation: EvaluationConfig,
     distributed: Distributed,
 ) -> float:
-    report = evaluate(model, processor, dataset, task.metric, path, evaluation, distributed)
+    report = objective.evaluate(model, processor, dataset, task.metric, path, evaluation, distributed)
     score = report[task.metric.name]
     logger.info("%s %s finetuning: %.4f (%d samples, %s)", task.metric.name, when, score, len(dataset), path)
     if distributed.is_main:

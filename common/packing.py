@@ -56,20 +56,29 @@ class PackedTrainCollator(Phi3VTrainCollator):
     def __call__(self, samples: list[Sample]) -> dict:
         ids, labels, image_inputs = self.encode(samples)
         rows = self.rows(ids)
-        width = max(sum(len(ids[i]) for i in row) for row in rows)
-        columns = {"input_ids": [], "labels": [], "position_ids": []}
-        for row in rows:
-            row_ids, row_labels, positions = concatenate(ids, labels, row)
-            padding = width - len(row_ids)
-            columns["input_ids"].append(row_ids + [self.pad_token_id] * padding)
-            columns["labels"].append(row_labels + [IGNORE_INDEX] * padding)
-            columns["position_ids"].append(positions + list(range(padding)))
-        batch = {name: torch.tensor(values, dtype=torch.long) for name, values in columns.items()}
+        batch = packed_rows(ids, {"labels": (labels, IGNORE_INDEX)}, rows, self.pad_token_id)
         if image_inputs is not None:
             order = _images_in_row_order(samples, [i for row in rows for i in row])
             batch["pixel_values"] = image_inputs["pixel_values"][order]
             batch["image_sizes"] = image_inputs["image_sizes"][order]
         return batch
+
+
+def packed_rows(ids: list[list[int]], marks: dict[str, tuple[list[list[int]], int]], rows: list[list[int]],
+                pad_token_id: int) -> dict[str, torch.Tensor]:
+    """input_ids, position_ids and each of `marks` ({name: (per-sample values, padding value)}, labels say) as
+    (R, L) tensors of the sequences `rows`, each row completed by a padding run."""
+    width = max(sum(len(ids[i]) for i in row) for row in rows)
+    columns = {"input_ids": [], "position_ids": [], **{name: [] for name in marks}}
+    for row in rows:
+        row_ids = [token for i in row for token in ids[i]]
+        positions = [position for i in row for position in range(len(ids[i]))]
+        padding = width - len(row_ids)
+        columns["input_ids"].append(row_ids + [pad_token_id] * padding)
+        columns["position_ids"].append(positions + list(range(padding)))
+        for name, (values, fill) in marks.items():
+            columns[name].append([value for i in row for value in values[i]] + [fill] * padding)
+    return {name: torch.tensor(values, dtype=torch.long) for name, values in columns.items()}
 
 
 def concatenate(ids: list[list[int]], labels: list[list[int]], row: list[int]):

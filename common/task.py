@@ -39,6 +39,11 @@ class Task:
     flash_attention_implies_bf16: bool = False
     # the hub datasets the loader reads given the task's options, the evaluation's last (the model card's `datasets`)
     hub_datasets: Callable[[Any], tuple[str, ...]] = lambda options: ()
+    reads_conversations: bool = True  # --data_dir/--train_file/messages datasets are conversations (common/formats)
+    # What the run trains for and how it is scored (common/objective.py); None: the recipe's supervised finetuning
+    objective: Any = None
+    # The task's own flag rules: parsed flags -> problems, listed with the shared ones (common/arguments.py)
+    flag_problems: Callable[[Any], list[str]] | None = None
 
     def scored_by(self, metric: str | None) -> Task:
         """The task with --metric's metric instead of its own (None, or its own metric's name: unchanged)."""
@@ -49,7 +54,7 @@ class Task:
 
 def run_task(task: Task, args: argparse.Namespace) -> dict[str, float]:
     """A task script's main, once its flags are parsed: the checks that need no library, then the run."""
-    check_flags(args)
+    check_flags(args, task.flag_problems)
     from .finetune import run_script  # torch, transformers, peft, DeepSpeed: only once the flags are good
 
     return run_script(task, args)
@@ -59,7 +64,7 @@ def load_datasets(task: Task, data: DataConfig, options: Any = None) -> tuple[Sa
     """Custom conversations (every task reads them: common/formats, checked in full here) or the task's own."""
     from .formats import load_conversations  # datasets, pyarrow and the processor's constants
 
-    conversations = load_conversations(data)
+    conversations = load_conversations(data) if task.reads_conversations else None
     if conversations is not None:
         train, evaluation = conversations
     elif task.load_datasets is None:

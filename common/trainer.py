@@ -93,10 +93,13 @@ class FinetuningTrainer(ResumableTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        loss = result[0] if return_outputs else result
+        self.check_finite(model, result[0] if return_outputs else result)
+        return result
+
+    def check_finite(self, model, loss: torch.Tensor) -> None:
+        """Stop the run at a NaN or infinite training loss (NonFiniteLossError, with the advice)."""
         if model.training and not torch.isfinite(loss.detach()).all():
             raise NonFiniteLossError(self._non_finite_message(loss.detach().float().sum().item()))
-        return result
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """The optimizer step's micro-batches, and the divisor of the model's loss: the step's samples on all
@@ -147,10 +150,12 @@ def enable_cpu_fp16(accelerator) -> None:
 
 def make_trainer(model, processor, train_args: TrainingArguments, dataset, collator,
                  keep_checkpoints: int | None = None, callbacks=(), distributed: Distributed = ONE_PROCESS,
-                 task_evaluation: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> FinetuningTrainer:
+                 task_evaluation: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+                 trainer_class: type[FinetuningTrainer] = FinetuningTrainer, **trainer_options) -> FinetuningTrainer:
     """The Trainer of a run and of the benchmark's workers, with the run's collator (`train_collator`); the
-    dataset draws anew every epoch."""
-    return FinetuningTrainer(
+    dataset draws anew every epoch. `trainer_class` and its own `trainer_options`: another objective's Trainer
+    (common/preference/trainer.py)."""
+    return trainer_class(
         model=model,
         args=train_args,
         data_collator=collator,
@@ -160,6 +165,7 @@ def make_trainer(model, processor, train_args: TrainingArguments, dataset, colla
         keep_checkpoints=keep_checkpoints,
         distributed=distributed,
         task_evaluation=task_evaluation,
+        **trainer_options,
     )
 
 

@@ -23,17 +23,23 @@ def matches(record: dict) -> bool:
 
 
 def read(record: dict, default_id: str, resolve: ResolveImage, answered: bool = True) -> Sample:
-    messages = []
-    for where, entry in entries(record, "messages", '{"role", "content"} messages'):
-        if not isinstance(entry, dict) or entry.get("role") not in (Role.SYSTEM, Role.USER, Role.ASSISTANT):
-            raise RecordError(f"{where} must be {{\"role\": \"system\" | \"user\" | \"assistant\", \"content\": ...}}, "
-                              f"got {entry!r:.100}")
-        messages.append(Message(entry["role"], _pieces(entry.get("content"), where), where))
+    messages = read_messages(record, "messages")
     images = record.get("images") or []
     if not isinstance(images, list):
         raise RecordError("'images' must be a list")
     return build_sample(str(record.get("id") or default_id), messages, SYNTAX, [resolve(image) for image in images],
                         answered)
+
+
+def read_messages(record: dict, key: str) -> list[Message]:
+    """The record's list `key` of `{"role", "content"}` messages (TRL's preference files use them too)."""
+    messages = []
+    for where, entry in entries(record, key, '{"role", "content"} messages'):
+        if not isinstance(entry, dict) or entry.get("role") not in (Role.SYSTEM, Role.USER, Role.ASSISTANT):
+            raise RecordError(f"{where} must be {{\"role\": \"system\" | \"user\" | \"assistant\", \"content\": ...}}, "
+                              f"got {entry!r:.100}")
+        messages.append(Message(entry["role"], _pieces(entry.get("content"), where), where))
+    return messages
 
 
 def _pieces(content: Any, where: str) -> tuple[str, ...]:

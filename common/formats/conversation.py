@@ -66,8 +66,9 @@ class ConversationFormat:
     name: str  # as error messages and docs/data.md call it
     shape: str  # what a record looks like, for the error on a file of no known format
     matches: Callable[[dict], bool]  # whether a record is in this format (from its keys alone)
-    # record, its id if it has none, image resolver, answered (False: the last question may lack its answer)
-    read: Callable[[dict, str, ResolveImage, bool], Sample]
+    # record, its id if it has none, image resolver, and for conversations answered (False: the last question
+    # may lack its answer); preference pairs (common/preference) are Samples too
+    read: Callable[..., Sample]
 
 
 def first_entry(record: dict, key: str) -> Any:

@@ -22,18 +22,21 @@ def matches(record: dict) -> bool:
 
 
 def read(record: dict, default_id: str, resolve: ResolveImage, answered: bool = True) -> Sample:
-    messages = []
-    for where, entry in entries(record, "conversations", '{"from", "value"} messages'):
-        if not isinstance(entry, dict) or entry.get("from") not in ROLES or not isinstance(entry.get("value"), str):
-            raise RecordError(f"{where} must be {{\"from\": \"human\" | \"gpt\" | \"system\", \"value\": text}}, "
-                              f"got {entry!r:.100}")
-        messages.append(Message(ROLES[entry["from"]], tuple(entry["value"].split(PLACEHOLDER)), where))
+    messages = [message(where, entry) for where, entry in entries(record, "conversations", '{"from", "value"} messages')]
     images = record.get("image")
     images = [] if images is None else [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
         raise RecordError("'image' must be a path or a list of paths")
     return build_sample(str(record.get("id", default_id)), messages, SYNTAX, [resolve(image) for image in images],
                         answered)
+
+
+def message(where: str, entry) -> Message:
+    """One `{"from", "value"}` entry (LLaMA-Factory's preference files use them too)."""
+    if not isinstance(entry, dict) or entry.get("from") not in ROLES or not isinstance(entry.get("value"), str):
+        raise RecordError(f"{where} must be {{\"from\": \"human\" | \"gpt\" | \"system\", \"value\": text}}, "
+                          f"got {entry!r:.100}")
+    return Message(ROLES[entry["from"]], tuple(entry["value"].split(PLACEHOLDER)), where)
 
 
 NAME = "LLaVA/ShareGPT"  # as error messages and docs/data.md call it

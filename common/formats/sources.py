@@ -28,12 +28,8 @@ def load_conversations(data: DataConfig) -> tuple[SampleDataset, SampleDataset] 
     """(train, evaluation) of custom conversations; None when the data is a task's own (the hub, or a
     --dataset_path copy in the task's schema)."""
     image_folder = Path(data.image_folder) if data.image_folder else None
-    if data.train_file:
-        source = f"--train_file {data.train_file}"
-        train_files, eval_files = [Path(data.train_file)], [Path(data.eval_file)] if data.eval_file else []
-    elif data.data_dir:
-        source = f"--data_dir {data.data_dir}"
-        train_files, eval_files = data_dir_files(Path(data.data_dir))
+    if files := data_files_of(data):
+        source, train_files, eval_files = files
     elif data.dataset_path and is_messages_dataset(Path(data.dataset_path)):
         source = f"--dataset_path {data.dataset_path}"
         train, evaluation = load_messages_dataset(Path(data.dataset_path), image_folder)
@@ -44,6 +40,16 @@ def load_conversations(data: DataConfig) -> tuple[SampleDataset, SampleDataset] 
     if eval_files:
         return train, _in_memory(eval_files, image_folder)
     return hold_out(train, data.eval_size, source)
+
+
+def data_files_of(data: DataConfig) -> tuple[str, list[Path], list[Path]] | None:
+    """(the flag that named them, training files, evaluation files) of --train_file/--eval_file or --data_dir;
+    None for other data."""
+    if data.train_file:
+        return f"--train_file {data.train_file}", [Path(data.train_file)], [Path(data.eval_file)] if data.eval_file else []
+    if data.data_dir:
+        return f"--data_dir {data.data_dir}", *data_dir_files(Path(data.data_dir))
+    return None
 
 
 def data_dir_files(root: Path) -> tuple[list[Path], list[Path]]:

@@ -42,8 +42,18 @@ def is_messages_dataset(path: Path) -> bool:
 
 
 def load_messages_dataset(path: Path, image_folder: Path | None) -> tuple[SampleDataset, SampleDataset | None]:
-    """(train, evaluation or None): a DatasetDict's `train` split and its `validation`/`val` (else `eval`, else
-    `test`) split; parquet files split by name as --data_dir's; a single Dataset or file trains."""
+    """(train, evaluation or None) of a chat-messages dataset, split as `dataset_parts` says."""
+    resolve = ImagePaths(path if path.is_dir() else path.parent, image_folder)
+    return tuple(
+        None if rows is None else _checked(rows, ChatRows(f"{path} ({part})", part, resolve))
+        for part, rows in dataset_parts(path).items()
+    )
+
+
+def dataset_parts(path: Path) -> dict[str, datasets.Dataset | None]:
+    """{"train": rows, "evaluation": rows or None} of a --dataset_path copy: a DatasetDict's `train` split and its
+    `validation`/`val` (else `eval`, else `test`) split; parquet files split by name as --data_dir's; a single
+    Dataset or file trains."""
     if (path / "dataset_dict.json").is_file():
         splits = datasets.load_from_disk(str(path))
         if "train" not in splits:
@@ -58,11 +68,7 @@ def load_messages_dataset(path: Path, image_folder: Path | None) -> tuple[Sample
         if not train_files:
             raise UserError(f"--dataset_path {path}: no training parquet file among {[f.name for f in files]}")
         parts = {"train": _parquet(train_files), "evaluation": _parquet(eval_files) if eval_files else None}
-    resolve = ImagePaths(path if path.is_dir() else path.parent, image_folder)
-    return tuple(
-        None if rows is None else _checked(rows, ChatRows(f"{path} ({part})", part, resolve))
-        for part, rows in parts.items()
-    )
+    return parts
 
 
 def _parquet(files: list[Path]) -> datasets.Dataset:

@@ -186,9 +186,13 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         return inputs_embeds.index_put((rows, cols), flat_features[feature_start[span_id] + offset_in_span])
 
     def embed_inputs(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None,
+        image_of_span: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with image features merged in; placeholder ids embed as token 0 before merging."""
+        """Token embeddings with image features merged in; placeholder ids embed as token 0 before merging.
+        `image_of_span`: the image (index into pixel_values) of each placeholder span, in the order the spans
+        appear, for batches whose sequences share images (a preference pair's two answers): each image is
+        encoded once. Default: the k-th span takes the k-th image."""
         has_placeholders = bool((input_ids < 0).any())
         if has_placeholders != (pixel_values is not None):
             raise ValueError(
@@ -202,6 +206,8 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         if image_sizes is None:
             raise ValueError("pixel_values need image_sizes (the processor returns both)")
         image_features = self.vision_embed_tokens(pixel_values, image_sizes)
+        if image_of_span is not None:
+            image_features = [image_features[image] for image in image_of_span.tolist()]
         merged = self.merge_image_features(input_ids, inputs_embeds, image_features)
         return nn.functional.dropout(merged, p=self.config.embd_pdrop, training=self.training)
 
@@ -211,10 +217,11 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         pixel_values: torch.FloatTensor | None = None,
         image_sizes: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        image_of_span: torch.LongTensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if input_ids is not None and inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_of_span)
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = _positions_from_mask(kwargs.get("attention_mask"), kwargs.get("cache"), inputs_embeds)
         if _is_packed(kwargs):

@@ -89,6 +89,20 @@ class ReportCallback(TrainerCallback):
         self.report.write()
 
 
+class NoReport:
+    """The report of a run whose evaluations generate no answers to show (preference tuning, scored by its
+    rewards): it writes nothing, so such a run has no evaluation.html."""
+
+    def evaluated(self, when: str, report_path: Path) -> None:
+        pass
+
+    def progress(self, log_history: list[dict], final_step: int | None = None) -> None:
+        pass
+
+    def callback(self, during_samples: int) -> TrainerCallback:
+        return TrainerCallback()
+
+
 def prediction_report_path(output: Path) -> Path:
     """predict.py's report beside its answers: answers.jsonl -> answers.html."""
     path = output.with_suffix(".html")

@@ -16,16 +16,22 @@ LOG_HISTORY = [
 ]
 
 
-def test_writes_a_png_of_loss_and_learning_rate(tmp_path, monkeypatch):
-    figures = []
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """The figures the plotting draws, in order."""
+    drawn = []
     real_subplots = plt.subplots
 
     def recording_subplots(*args, **kwargs):
         figure, axes = real_subplots(*args, **kwargs)
-        figures.append(figure)
+        drawn.append(figure)
         return figure, axes
 
     monkeypatch.setattr(plotting_module.plt, "subplots", recording_subplots)
+    return drawn
+
+
+def test_writes_a_png_of_loss_and_learning_rate(tmp_path, figures):
     path = tmp_path / "training_curves.png"
     assert plot_training_curves(LOG_HISTORY, path) == path
 
@@ -79,3 +85,24 @@ def test_the_task_metric_logged_during_training_gets_its_own_panel(tmp_path, mon
     (line,) = metric_axis.get_lines()
     assert list(line.get_xdata()) == [20, 30] and list(line.get_ydata()) == [0.25, 0.5]
     assert line.get_label() == "anls"
+
+
+def test_a_preference_run_gets_a_rewards_panel(tmp_path, figures):
+    rewards = {"rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/margins": 0.0, "rewards/accuracies": 0.0,
+               "logps/chosen": -30.0, "logps/rejected": -31.0}
+    history = [
+        {"loss": 0.69, "learning_rate": 1e-6, **rewards, "step": 1},
+        {"loss": 0.5, "learning_rate": 1e-6, **rewards, "rewards/chosen": 0.4, "rewards/margins": 0.6, "step": 2},
+        {**{f"eval_{name}": value for name, value in rewards.items()}, "eval_rewards/accuracies": 0.75,
+         "eval_loss": 0.6, "step": 2},
+    ]
+    plot_training_curves(history, tmp_path / "c.png")
+    (figure,) = figures
+    titles = [axis.get_title() for axis in figure.axes]
+    assert titles == ["training loss", "learning rate", "task metric (evaluation)", "rewards"]
+    (accuracy,) = figure.axes[2].get_lines()  # the headline only: rewards and log-probs are not task metrics
+    assert list(accuracy.get_ydata()) == [0.75]
+    labels = [line.get_label() for line in figure.axes[3].get_lines()]
+    assert labels[:6] == ["chosen", "chosen (evaluation)", "rejected", "rejected (evaluation)", "margins",
+                          "margins (evaluation)"]
+    assert list(figure.axes[3].get_lines()[0].get_ydata()) == [0.0, 0.4]
