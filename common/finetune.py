@@ -127,7 +127,7 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
         watch, task_evaluation = _evaluation_during_training(
             objective, config, task, processor, eval_dataset, distributed
         )
-        rewrite_report = report.callback(len(task_evaluation.dataset) if task_evaluation else 0)
+        rewrite_report = report.callback(task_evaluation)
         trainer = objective.make_trainer(
             model, processor, train_args, train_dataset, config.training, keep_checkpoints=outputs.save_total_limit,
             callbacks=[preemption, *watch, rewrite_report], distributed=distributed, task_evaluation=task_evaluation,

@@ -20,7 +20,7 @@ from ..data import SampleDataset
 from ..distributed import Distributed
 from ..evaluation import read_samples, sample_score
 from ..metrics import Metric
-from ..training_evaluation import metric_key
+from ..training_evaluation import TaskEvaluation, metric_key
 from .page import Evaluation, page_data, sample_view, write_page
 
 logger = logging.getLogger(__name__)
@@ -71,10 +71,10 @@ class RunReport:
         title = f"{self.identity['task']} · {self.identity['strategy']}"
         write_page(self.path, page_data(title, self.identity, self.metric.name, self.views, evaluations, self.curve))
 
-    def callback(self, during_samples: int) -> TrainerCallback:
-        """The Trainer callback that rewrites the report after each evaluation during training (on the first
-        `during_samples` samples)."""
-        self.during_samples = during_samples
+    def callback(self, during_training: TaskEvaluation | None) -> TrainerCallback:
+        """The Trainer callback that rewrites the report after each evaluation during training (None: there are
+        none)."""
+        self.during_samples = len(during_training.dataset) if during_training else 0
         return ReportCallback(self)
 
 
@@ -99,7 +99,7 @@ class NoReport:
     def progress(self, log_history: list[dict], final_step: int | None = None) -> None:
         pass
 
-    def callback(self, during_samples: int) -> TrainerCallback:
+    def callback(self, during_training) -> TrainerCallback:
         return TrainerCallback()
 
 

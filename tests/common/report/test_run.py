@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ def test_the_report_follows_the_runs_evaluations(tmp_path):
     assert [e["key"] for e in data["evaluations"]] == ["before"] and data["curve"] is None
     assert [s["answers"]["before"]["score"] for s in data["samples"]] == [0.0, 1.0, 0.0, 0.0]
 
-    callback = report.callback(during_samples=2)
+    callback = report.callback(SimpleNamespace(dataset=["a", "b"]))  # a TaskEvaluation on 2 samples
     history = [{"loss": 1.0, "step": 1}, {"eval_accuracy": 0.5, "step": 2}, {"eval_accuracy": 1.0, "step": 4}]
     callback.on_evaluate(None, type("State", (), {"log_history": history})(), None)
     assert embedded_data(tmp_path / REPORT_FILE)["curve"] == {
