@@ -5,12 +5,15 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from common.distributed import ONE_PROCESS, Distributed, start_distributed
+from common.distributed import ONE_PROCESS, Distributed, _attempt_namespace, start_distributed
 
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 REPO = Path(__file__).resolve().parents[2]
@@ -100,3 +103,23 @@ def test_finished_closes_the_process_group_of_a_torchrun_run(tmp_path):
                            str(probe)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("closed") == 2 and "still open" not in done.stdout  # the ranks' lines may interleave
+
+
+def test_a_restarted_attempt_meets_under_a_fresh_name_whatever_an_older_attempt_left_in_the_store():
+    """torchrun's store outlives a crashed attempt: rank 0 may read rank 1's greeting of the older attempt first,
+    and the older attempt's answer stays readable; the ranks still agree on a name of this attempt only."""
+    store = dist.HashStore()
+    store.set("phi3v/attempt/hello/1", "old greeting")
+    store.set("phi3v/attempt/welcome/old greeting", "old attempt")
+    store.set("phi3v/attempt/hello/2", "older greeting")
+
+    def join(rank: int) -> str:
+        time.sleep(0.2 * rank)  # rank 0 reads the old greetings before the new ones are written
+        return _attempt_namespace(store, rank, world_size=3, poll_s=0.01)
+
+    with ThreadPoolExecutor(3) as pool:
+        names = set(pool.map(join, range(3)))
+    with ThreadPoolExecutor(3) as pool:  # the next attempt, on the same store
+        next_names = set(pool.map(join, range(3)))
+    assert len(names) == 1 and len(next_names) == 1 and names != next_names
+    assert all("old" not in name and name.startswith("phi3v/attempt/") for name in names | next_names)
