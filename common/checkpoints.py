@@ -189,8 +189,16 @@ class ResumableTrainer(Trainer):
     def _save_checkpoint(self, *args, **kwargs) -> None:
         # the Trainer's own folder (no hyperparameter search: the run directory is output_dir)
         folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        # The ranks agree first: a rank whose peers are gone (a worker killed, torchrun stopping the others) fails
+        # here, before anything is removed or written, since it could not finish a save they take part in.
+        if any(self.distributed.gather(self.args.should_save and why_incomplete(folder) is None)):
+            # This run's checkpoint at this step, already whole (a stop requested right after it was written;
+            # checkpoints of other runs or of an abandoned branch are never resumed past): it stays as it is.
+            if self.args.should_save:
+                logger.info("%s is already complete: kept", folder)
+            return
         if self.args.should_save:
-            if folder.exists():  # a leftover of a killed save, or an older run's: never complete while rewritten
+            if folder.exists():  # the leftover of a killed save: never complete while rewritten
                 remove_checkpoint(folder)
             logger.info("writing %s", folder)
         self.distributed.barrier()  # nobody writes into the folder while it is being removed

@@ -19,6 +19,7 @@ from common.checkpoints import (
     rotate_checkpoints,
     why_incomplete,
 )
+from common.distributed import Distributed
 from tests.common.regression_trainer import regression_trainer, weights
 
 
@@ -138,9 +139,39 @@ def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint_complete(tmp_p
 
 
 def test_a_rewritten_checkpoint_holds_only_the_new_files(tmp_path):
-    stale = write_checkpoint(tmp_path, 2)  # e.g. of an earlier attempt, resumed from an older checkpoint
+    leftover = write_checkpoint(tmp_path, 2, complete=False)  # of a save killed half-way
     regression_trainer(tmp_path, max_steps=2, save_steps=2).train()
-    assert not (stale / "global_step2").exists() and why_incomplete(stale) is None
+    assert not (leftover / "global_step2").exists() and why_incomplete(leftover) is None
+
+
+def test_a_save_at_a_step_with_a_complete_checkpoint_keeps_it(tmp_path):
+    """A stop requested right after checkpoint-2 was written saves at step 2 again: the complete one stays."""
+    trainer = regression_trainer(tmp_path, max_steps=2, save_steps=2)
+    trainer.train()
+    manifest = (tmp_path / "checkpoint-2" / COMPLETE_FILE).read_text()
+    trainer._save_checkpoint(trainer.model, None)
+    assert (tmp_path / "checkpoint-2" / COMPLETE_FILE).read_text() == manifest
+    assert why_incomplete(tmp_path / "checkpoint-2") is None
+
+
+class PeersGone(Distributed):
+    """A rank whose peers were killed: its next collective fails."""
+
+    def gather(self, value) -> list:
+        raise torch.distributed.DistError("Connection closed by peer")
+
+
+def test_a_save_whose_peers_are_gone_touches_nothing(tmp_path):
+    trainer = regression_trainer(tmp_path, max_steps=2, save_steps=2)
+    trainer.train()
+    leftover = write_checkpoint(tmp_path, 4, complete=False)
+    trainer.distributed = PeersGone(rank=0, local_rank=0, world_size=2, local_world_size=2, device=torch.device("cpu"))
+    for step in (2, 4):  # the step of the newest complete checkpoint, a step with a leftover
+        trainer.state.global_step = step
+        with pytest.raises(torch.distributed.DistError):
+            trainer._save_checkpoint(trainer.model, None)
+    assert why_incomplete(tmp_path / "checkpoint-2") is None
+    assert (leftover / "model.safetensors").is_file()
 
 
 def test_resuming_from_the_checkpoint_at_max_steps_trains_nothing(tmp_path):
