@@ -32,9 +32,8 @@ from .plotting import plot_training_curves
 from .preemption import Interrupted, PreemptionCallback, StopSignals, report_and_exit, resume_command
 from .preview import run_preview
 from .run_directory import (
-    RUN_FILE,
     completed_evaluation,
-    discard_unresumable_outputs,
+    discard_half_written_outputs,
     record_run,
     resolve_checkpoint,
     run_identity,
@@ -109,7 +108,7 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
 
     output_dir = Path(outputs.output_dir)
     created_output_dir = not output_dir.exists()
-    results, written = {}, []
+    results = {}
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     preemption = PreemptionCallback(signals)
@@ -118,9 +117,8 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
             signals.activity = "the evaluation before training"
             with precision.autocast(distributed.device):
                 results["before"] = _evaluation_before(
-                    model, processor, task, eval_dataset, identity, output_dir, evaluation, distributed, written
+                    model, processor, task, eval_dataset, identity, output_dir, evaluation, distributed
                 )
-        written.append(RUN_FILE)
         record_run(output_dir, identity, distributed)
         signals.activity = "the set-up of training"
         watch, task_evaluation = _evaluation_during_training(config, task, processor, eval_dataset, distributed)
@@ -129,7 +127,7 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
                                distributed=distributed, task_evaluation=task_evaluation)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except UserError:
-        discard_unresumable_outputs(output_dir, created_output_dir, written, distributed)
+        discard_half_written_outputs(output_dir, created_output_dir, distributed)
         raise
     if preemption.stopped_at is not None:
         stopped_at = output_dir / f"checkpoint-{preemption.stopped_at}"
@@ -208,14 +206,13 @@ def _best_checkpoint(trainer: FinetuningTrainer, config: RunConfig, metric: Metr
 
 def _evaluation_before(
     model, processor, task: Task, eval_dataset, identity: dict, output_dir: Path, evaluation: EvaluationConfig,
-    distributed: Distributed, written: list[str],
+    distributed: Distributed,
 ) -> float:
     """The score before training: evaluated, or read back when this same run already evaluated it (a rerun
     after an interruption, with or without a checkpoint)."""
     path = output_dir / "eval_before.json"
     score = completed_evaluation(path, identity, task.metric, len(eval_dataset))
     if score is None:
-        written.append(path.name)
         return _evaluate_and_report(model, processor, task, eval_dataset, path, "before", evaluation, distributed)
     logger.info("%s before finetuning: %.4f, from %s (already evaluated by this run)", task.metric.name, score, path)
     if distributed.is_main:
