@@ -13,11 +13,14 @@ once the newest is complete, and trains nothing more when it resumes from a chec
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import Trainer
@@ -34,6 +37,67 @@ _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 class IncompleteCheckpointError(UserError):
     """An explicit --resume_from_checkpoint names a folder that is not a complete checkpoint."""
+
+
+class OutOfDiskSpaceError(UserError):
+    """The filesystem of the output folder filled up while something was written (exit 1)."""
+
+
+# Below this much free space, torch's serialization failure ("unexpected pos ...": its writer stops short) means a
+# full disk: the half-written file then takes the last free blocks.
+NEARLY_FULL_BYTES = 16 * 2**20
+
+
+@contextlib.contextmanager
+def writing(what: str, path: Path, output_dir: Path) -> Iterator[None]:
+    """Write `what` to `path` in the block; a full disk there becomes one OutOfDiskSpaceError naming what was being
+    written, where, the free space, and the newest complete checkpoint in `output_dir`, which the same command
+    resumes from. Other errors pass unchanged."""
+    try:
+        yield
+    except Exception as error:
+        free = _free_bytes(Path(path))
+        if not _is_out_of_space(error, free):
+            raise
+        newest, _ = newest_complete_checkpoint(output_dir)
+        resume = (f"the same command resumes from {newest}, the newest complete checkpoint" if newest else
+                  "no complete checkpoint yet: the same command starts the run again")
+        raise OutOfDiskSpaceError(
+            f"out of disk space writing {what} to {path} ({_size(free)} free there); free space (or choose an "
+            f"--output_dir on a larger filesystem) and run again: {resume}"
+        ) from error
+
+
+def _is_out_of_space(error: BaseException, free: int | None) -> bool:
+    """Whether `error`, or an error it was raised from, says the disk is full."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):  # safetensors, DeepSpeed
+            return True
+        if isinstance(error, RuntimeError) and "inline_container" in str(error):  # torch.save
+            return free is not None and free < NEARLY_FULL_BYTES
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return shutil.disk_usage(folder).free
+    return None
+
+
+def _size(count: int | None) -> str:
+    if count is None:
+        return "unknown space"
+    if count < 1024:
+        return f"{count} bytes"
+    for unit in ("KiB", "MiB", "GiB"):
+        count /= 1024
+        if count < 1024:
+            return f"{count:.1f} {unit}"
+    return f"{count / 1024:.1f} TiB"
 
 
 def checkpoint_step(folder: Path) -> int | None:
@@ -202,10 +266,12 @@ class ResumableTrainer(Trainer):
                 remove_checkpoint(folder)
             logger.info("writing %s", folder)
         self.distributed.barrier()  # nobody writes into the folder while it is being removed
-        super()._save_checkpoint(*args, **kwargs)
-        files = _files_of_all_ranks(folder, self.distributed)  # after every rank has written its part (optimizer shards, RNG state)
+        with writing(f"the checkpoint {folder.name}", folder, folder.parent):
+            super()._save_checkpoint(*args, **kwargs)
+            files = _files_of_all_ranks(folder, self.distributed)  # after every rank has written its part (optimizer shards, RNG state)
+            if self.args.should_save:
+                mark_complete(folder, files)
         if self.args.should_save:
-            mark_complete(folder, files)
             best = self.state.best_model_checkpoint  # the best score's (common/training_evaluation.py)
             rotate_checkpoints(folder.parent, self.keep_checkpoints, folder, Path(best) if best else None)
             logger.info("checkpoint %s is complete", folder)

@@ -19,7 +19,7 @@ import torch
 from transformers import set_seed
 
 from .arguments import resolve_run_config
-from .checkpoints import newest_complete_checkpoint, why_incomplete
+from .checkpoints import newest_complete_checkpoint, why_incomplete, writing
 from .config import EvaluationConfig, OutputConfig, RunConfig
 from .distributed import Distributed
 from .errors import UserError
@@ -139,16 +139,17 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
     signals.activity = "the final save"
     model.config.use_cache = True  # switched off for training only; saved checkpoints generate with a cache
     best = _best_checkpoint(trainer, config, task.metric)
-    if best is None:
-        trainer.save_model()
-    elif distributed.is_main:
-        export_checkpoint_model(best, output_dir)
-    logger.info("%s saved to %s%s", "LoRA adapter" if strategy.lora else "model", output_dir,
-                f" (the best, {best.name})" if best else "")
-    trainer.save_state()  # trainer_state.json: the run's log history (loss, learning rate, eval_<metric>) and best
-    if distributed.is_main:
-        plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
-        logger.info("training curves: %s", output_dir / "training_curves.png")
+    with writing("the final model", output_dir, output_dir):
+        if best is None:
+            trainer.save_model()
+        elif distributed.is_main:
+            export_checkpoint_model(best, output_dir)
+        logger.info("%s saved to %s%s", "LoRA adapter" if strategy.lora else "model", output_dir,
+                    f" (the best, {best.name})" if best else "")
+        trainer.save_state()  # trainer_state.json: the run's log history (loss, learning rate, eval_<metric>) and best
+        if distributed.is_main:
+            plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+            logger.info("training curves: %s", output_dir / "training_curves.png")
     trainer.accelerator.wait_for_everyone()
 
     model = release_training_state(trainer)
@@ -224,7 +225,8 @@ def _evaluate_and_report(
     model, processor, task: Task, dataset, path: Path, when: str, evaluation: EvaluationConfig,
     distributed: Distributed,
 ) -> float:
-    report = evaluate(model, processor, dataset, task.metric, path, evaluation, distributed)
+    with writing(f"the evaluation {path.name}", path, path.parent):
+        report = evaluate(model, processor, dataset, task.metric, path, evaluation, distributed)
     score = report[task.metric.name]
     logger.info("%s %s finetuning: %.4f (%d samples, %s)", task.metric.name, when, score, len(dataset), path)
     if distributed.is_main:
@@ -237,6 +239,7 @@ def _evaluate_and_report(
 
 def _write_merged(model, processor, output_dir: Path) -> None:
     merged_dir = output_dir / "merged"
-    model.merge_and_unload().save_pretrained(merged_dir)
-    processor.save_pretrained(merged_dir)
+    with writing("the merged model", merged_dir, output_dir):
+        model.merge_and_unload().save_pretrained(merged_dir)
+        processor.save_pretrained(merged_dir)
     logger.info("merged standalone checkpoint written to %s", merged_dir)

@@ -2,6 +2,7 @@
 checkpoint a run resumes from, rotation that never leaves no complete checkpoint, and the ResumableTrainer
 that writes them (a save that dies half-way, a resume from the checkpoint at max_steps)."""
 
+import errno
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from common import checkpoints
 from common.checkpoints import (
     COMPLETE_FILE,
     IncompleteCheckpointError,
+    OutOfDiskSpaceError,
     ResumableTrainer,
     check_complete,
     mark_complete,
@@ -18,6 +20,7 @@ from common.checkpoints import (
     remove_checkpoint,
     rotate_checkpoints,
     why_incomplete,
+    writing,
 )
 from common.distributed import Distributed
 from tests.common.regression_trainer import regression_trainer, weights
@@ -230,3 +233,46 @@ def test_the_manifest_holds_what_every_rank_wrote_even_if_another_lists_it_late(
         assert [process.exitcode for process in ranks] == [0, 0]
         expected = {"model.safetensors": 100, "zero_pp_rank_0.pt": 30, "zero_pp_rank_1.pt": 30}
         assert results[0] == results[1] == expected
+
+
+class DiskFullWhileSaving(ResumableTrainer):
+    """The filesystem fills up while checkpoint-4 is written (after its weights and optimizer)."""
+
+    def _save_rng_state(self, output_dir):
+        if output_dir.endswith("checkpoint-4"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super()._save_rng_state(output_dir)
+
+
+def test_a_full_disk_while_saving_is_one_error_naming_what_where_and_the_checkpoint_to_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints, "_free_bytes", lambda path: 2048)
+    with pytest.raises(OutOfDiskSpaceError) as error:
+        regression_trainer(tmp_path, max_steps=6, save_steps=2, trainer_class=DiskFullWhileSaving).train()
+    assert str(error.value) == (
+        f"out of disk space writing the checkpoint checkpoint-4 to {tmp_path / 'checkpoint-4'} (2.0 KiB free there); "
+        "free space (or choose an --output_dir on a larger filesystem) and run again: the same command resumes from "
+        f"{tmp_path / 'checkpoint-2'}, the newest complete checkpoint"
+    )
+    assert why_incomplete(tmp_path / "checkpoint-2") is None
+
+
+@pytest.mark.parametrize("failure, free, converted", [
+    (OSError(errno.ENOSPC, "No space left on device"), 0, True),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), 10**9, True),
+    (Exception("Error while serializing: I/O error: No space left on device (os error 28)"), 0, True),  # safetensors
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), 4096, True),  # torch.save
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), 10**10, False),
+    (OSError(errno.EACCES, "Permission denied"), 0, False),
+], ids=["ENOSPC", "quota", "safetensors", "torch.save, disk nearly full", "torch.save, space left", "permission"])
+def test_which_failures_are_a_full_disk(tmp_path, monkeypatch, failure, free, converted):
+    monkeypatch.setattr(checkpoints, "_free_bytes", lambda path: free)
+    expected = OutOfDiskSpaceError if converted else type(failure)
+    with pytest.raises(expected) as error, writing("the evaluation eval_after.json", tmp_path / "eval_after.json",
+                                                   tmp_path):
+        raise failure
+    if converted:
+        assert str(error.value).startswith(f"out of disk space writing the evaluation eval_after.json to "
+                                           f"{tmp_path / 'eval_after.json'} (")
+        assert str(error.value).endswith("no complete checkpoint yet: the same command starts the run again")
+    else:
+        assert error.value is failure
