@@ -7,8 +7,11 @@ file with its size, so a folder truncated later (a copy cut short, a deletion ki
 counts either. A kill at any moment therefore leaves either a complete checkpoint or a folder that is visibly
 incomplete: automatic resume skips such folders (and says so); an explicit path to one is refused.
 
-`ResumableTrainer` is the Trainer that writes checkpoints this way, keeps `--save_total_limit` of them only
-once the newest is complete, and trains nothing more when it resumes from a checkpoint taken at the end.
+`ResumableTrainer` is the Trainer that writes checkpoints this way (the ranks agree before anything is touched: a
+rank whose peers are gone writes nothing, and a complete checkpoint at the step being saved is kept), keeps
+`--save_total_limit` of them only once the newest is complete, and trains nothing more when it resumes from a
+checkpoint taken at the end. `export_checkpoint_model` copies a checkpoint's model (--keep_best's final model);
+`writing` turns a full disk into one error that names the checkpoint the same command resumes from.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import CONFIG_NAME
 
 from .distributed import ONE_PROCESS, Distributed
 from .errors import UserError
@@ -32,6 +36,7 @@ from .errors import UserError
 logger = logging.getLogger(__name__)
 
 COMPLETE_FILE = "checkpoint_complete.json"
+MODEL_CONFIG = CONFIG_NAME  # a model folder's config.json
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -232,6 +237,25 @@ def _files_of_all_ranks(folder: Path, distributed: Distributed) -> dict[str, int
         for name, size in view.items():
             files[name] = max(size, files.get(name, 0))
     return dict(sorted(files.items()))
+
+
+# What a checkpoint holds besides the model and its processor: the state that resumes training.
+_TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "latest", "zero_to_fp32.py",
+                   COMPLETE_FILE)
+
+
+def export_checkpoint_model(checkpoint: Path, output_dir: Path) -> None:
+    """Copy the model of `checkpoint` (full weights or adapter, with config and processor) into `output_dir`, as
+    the final save would write it; its training state stays behind."""
+    for path in sorted(Path(checkpoint).iterdir()):
+        if path.is_file() and path.name not in _TRAINING_STATE and not path.name.startswith("rng_state"):
+            temporary = output_dir / f"{path.name}.tmp"
+            if path.name == MODEL_CONFIG:  # written while training ran without the KV cache; the model generates with it
+                config = {**json.loads(path.read_text()), "use_cache": True}
+                temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            else:
+                shutil.copyfile(path, temporary)
+            temporary.replace(output_dir / path.name)
 
 
 class ResumableTrainer(Trainer):

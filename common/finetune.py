@@ -19,7 +19,7 @@ import torch
 from transformers import set_seed
 
 from .arguments import resolve_run_config
-from .checkpoints import newest_complete_checkpoint, why_incomplete, writing
+from .checkpoints import export_checkpoint_model, newest_complete_checkpoint, why_incomplete, writing
 from .config import EvaluationConfig, OutputConfig, RunConfig
 from .distributed import Distributed
 from .errors import UserError
@@ -45,7 +45,6 @@ from .training_evaluation import (
     BestCheckpointCallback,
     TaskEvaluation,
     during_training_subset,
-    export_checkpoint_model,
 )
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor
 
-from .checkpoints import checkpoint_folders
+from .checkpoints import MODEL_CONFIG, checkpoint_folders
 from .data import Sample, SampleDataset, Turn
 from .distributed import Distributed
 from .errors import UserError
@@ -32,7 +32,6 @@ from .precision import Precision
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
-MODEL_CONFIG = "config.json"
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 

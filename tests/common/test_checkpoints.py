@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from common import checkpoints
 from common.checkpoints import (
@@ -15,6 +16,7 @@ from common.checkpoints import (
     OutOfDiskSpaceError,
     ResumableTrainer,
     check_complete,
+    export_checkpoint_model,
     mark_complete,
     newest_complete_checkpoint,
     remove_checkpoint,
@@ -22,7 +24,10 @@ from common.checkpoints import (
     why_incomplete,
     writing,
 )
+from common.config import TrainingEvaluationConfig
 from common.distributed import Distributed
+from common.metrics import ACCURACY
+from common.training_evaluation import BestCheckpointCallback
 from tests.common.regression_trainer import regression_trainer, weights
 
 
@@ -276,3 +281,45 @@ def test_which_failures_are_a_full_disk(tmp_path, monkeypatch, failure, free, co
         assert str(error.value).endswith("no complete checkpoint yet: the same command starts the run again")
     else:
         assert error.value is failure
+
+
+def test_the_export_copies_the_model_and_leaves_the_training_state(tmp_path):
+    checkpoint, output_dir = tmp_path / "checkpoint-2", tmp_path / "out"
+    (checkpoint / "global_step2").mkdir(parents=True)
+    output_dir.mkdir()
+    model_files = {"model.safetensors": "weights", "preprocessor_config.json": "{}", "training_args.bin": "args",
+                   "adapter_model.safetensors": "adapter", "tokenizer.json": "{}"}
+    state_files = ["optimizer.pt", "scheduler.pt", "rng_state.pth", "rng_state_1.pth", "trainer_state.json",
+                   "latest", "zero_to_fp32.py", "checkpoint_complete.json", "global_step2/shard.pt"]
+    for name, text in model_files.items():
+        (checkpoint / name).write_text(text)
+    for name in state_files:
+        (checkpoint / name).write_text("state")
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "phi3_v", "use_cache": False}))
+    export_checkpoint_model(checkpoint, output_dir)
+    assert sorted(path.name for path in output_dir.iterdir()) == sorted([*model_files, "config.json"])
+    assert all((output_dir / name).read_text() == text for name, text in model_files.items())
+    assert json.loads((output_dir / "config.json").read_text()) == {"model_type": "phi3_v", "use_cache": True}
+
+
+class ScoredEveryTwoSteps(TrainerCallback):
+    """Hands the real BestCheckpointCallback a score every second step, the best at step 2 (as --eval_steps 2)."""
+
+    def __init__(self, watch: BestCheckpointCallback):
+        self.watch = watch
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % 2 == 0:
+            score = 1.0 if state.global_step == 2 else 0.0
+            self.watch.on_evaluate(args, state, control, metrics={"eval_accuracy": score})
+
+
+def test_save_total_limit_keeps_the_best_checkpoint_beyond_the_count(tmp_path):
+    """--keep_best with --save_total_limit 1: the Trainer state's best checkpoint (which BestCheckpointCallback sets
+    and the rotation reads) survives every later save."""
+    watch = BestCheckpointCallback(TrainingEvaluationConfig(eval_steps=2, keep_best=True), ACCURACY, num_samples=1)
+    trainer = regression_trainer(tmp_path, max_steps=8, save_steps=2, keep=1, callbacks=[ScoredEveryTwoSteps(watch)])
+    trainer.train()
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-8"]
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-2")
+    assert why_incomplete(tmp_path / "checkpoint-2") is None
