@@ -3,9 +3,9 @@
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; `python SCRIPT` is a world of one process. `Distributed.launched`
 reads them once, before the flags are resolved (the batch-size check needs the world size, the precision
 checks this process's GPU); `Distributed.started` then forms the process group and prepares the process for the
-Trainer. This module is the
-only code that reads that environment or touches accelerate's process state, and the only one that calls
-`torch.distributed`: checkpoints, preemption and evaluation barrier, gather and agree through `Distributed`.
+Trainer. This module is the only code that reads that environment or touches accelerate's process state, and the
+only one that calls `torch.distributed`: checkpoints, preemption, evaluation and the benchmark barrier, gather and
+agree through `Distributed`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from accelerate import PartialState
 
 logger = logging.getLogger(__name__)
 
-STORE_TIMEOUT = timedelta(minutes=30)  # how long a rank waits for the others to reach the rendezvous
+# How long a rank waits for the others, at the rendezvous and in a collective (the Trainer's default ddp_timeout):
+# rank 0 alone writes the final model and the merged one while the others wait.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 _ATTEMPT_KEYS = "phi3v/attempt"
 
 
@@ -109,7 +111,6 @@ class Distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return int(tensor.item())
 
-
     def all_max(self, values: list[float]) -> list[float]:
         """Each of `values`, the largest over every rank, the same on every rank; every rank must call it."""
         return [max(column) for column in zip(*self.gather(values), strict=True)]
@@ -131,13 +132,13 @@ def _form_process_group(distributed: Distributed) -> None:
     if world_size == 1:
         store = dist.HashStore()  # nobody to meet
     else:
-        store, _, _ = next(dist.rendezvous("env://", timeout=STORE_TIMEOUT))
+        store, _, _ = next(dist.rendezvous("env://", timeout=PROCESS_GROUP_TIMEOUT))
         store = dist.PrefixStore(_attempt_namespace(store, rank, world_size), store)
     cuda = distributed.device.type == "cuda"
     if cuda:
         torch.cuda.set_device(distributed.device)
     dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world_size,
-                            device_id=distributed.device if cuda else None)
+                            timeout=PROCESS_GROUP_TIMEOUT, device_id=distributed.device if cuda else None)
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     if rank == 0 and restart != "0":
         logger.info("torchrun restart %s: the process group of %d processes is formed", restart, world_size)
