@@ -123,3 +123,38 @@ def test_a_restarted_attempt_meets_under_a_fresh_name_whatever_an_older_attempt_
         next_names = set(pool.map(join, range(3)))
     assert len(names) == 1 and len(next_names) == 1 and names != next_names
     assert all("old" not in name and name.startswith("phi3v/attempt/") for name in names | next_names)
+
+
+RESTART_PROBE = """
+import os, signal
+from common.distributed import start_distributed
+
+distributed = start_distributed(uses_deepspeed=False)
+attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+print(f"attempt {attempt} rank {distributed.rank}: {distributed.gather(distributed.rank)}", flush=True)
+if attempt == "0" and distributed.rank == 1:
+    os.kill(os.getpid(), signal.SIGKILL)  # the other rank fails in its next collective, or torchrun stops it
+distributed.barrier()
+distributed.finished()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rendezvous", ["static", "c10d"])
+def test_the_workers_torchrun_restarts_form_their_process_group(tmp_path, rendezvous):
+    """torchrun --max_restarts=1 (its default static rendezvous, and --rdzv_backend c10d): after rank 1 is killed, the
+    restarted workers meet on the store the crashed attempt used, and form their group."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(RESTART_PROBE)
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    launch = [f"--master_port={port}"] if rendezvous == "static" else [
+        "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max_restarts=1",
+                           *launch, str(probe)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"attempt 1 rank {rank}: [0, 1]" in done.stdout, done.stdout
