@@ -90,18 +90,25 @@ print("closed" if not dist.is_initialized() else "still open", flush=True)
 """
 
 
-def test_finished_closes_the_process_group_of_a_torchrun_run(tmp_path):
-    """Under torchrun (gloo, two processes): after `finished` no process group is left for the interpreter's exit."""
+def run_under_torchrun(tmp_path, source: str, launch) -> subprocess.CompletedProcess:
+    """`source` as a script under torchrun with two workers; `launch(port)`: the launcher's other flags, given a
+    free port. It must succeed."""
     probe = tmp_path / "probe.py"
-    probe.write_text(FINISH_PROBE)
+    probe.write_text(source)
     env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *launch(port),
                            str(probe)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_finished_closes_the_process_group_of_a_torchrun_run(tmp_path):
+    """Under torchrun (gloo, two processes): after `finished` no process group is left for the interpreter's exit."""
+    done = run_under_torchrun(tmp_path, FINISH_PROBE, lambda port: [f"--master_port={port}"])
     assert done.stdout.count("closed") == 2 and "still open" not in done.stdout  # the ranks' lines may interleave
 
 
@@ -144,17 +151,10 @@ distributed.finished()
 def test_the_workers_torchrun_restarts_form_their_process_group(tmp_path, rendezvous):
     """torchrun --max_restarts=1 (its default static rendezvous, and --rdzv_backend c10d): after rank 1 is killed, the
     restarted workers meet on the store the crashed attempt used, and form their group."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(RESTART_PROBE)
-    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    launch = [f"--master_port={port}"] if rendezvous == "static" else [
-        "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}"]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max_restarts=1",
-                           *launch, str(probe)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_under_torchrun(tmp_path, RESTART_PROBE, lambda port: [
+        "--max_restarts=1",
+        *([f"--master_port={port}"] if rendezvous == "static" else [
+            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}"]),
+    ])
     for rank in (0, 1):
         assert f"attempt 1 rank {rank}: [0, 1]" in done.stdout, done.stdout
