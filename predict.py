@@ -98,7 +98,7 @@ def predict(args: argparse.Namespace):
         return serve(serving_config(args), source, precision, distributed)
     dataset = prompt_dataset(args.prompt, args.image) if args.prompt is not None else file_dataset(
         args.data_file, args.image_folder)
-    distributed = distributed.started(uses_deepspeed=False).joined()
+    distributed = distributed.started(uses_deepspeed=False)
     logger.info("model: %s, %d prompt(s) on %d process(es), %s", source.describe(), len(dataset),
                 distributed.world_size, precision.describe())
     processor, model = load_for_inference(source, precision, distributed.device, args.num_crops)

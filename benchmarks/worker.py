@@ -65,15 +65,13 @@ class StepTimer(TrainerCallback):
         return self.end - self.start
 
 
-def peak_memory_gib(device) -> tuple[float | None, float | None]:
+def peak_memory_gib(distributed: Distributed) -> tuple[float | None, float | None]:
     """(max allocated, max reserved) over the run in GiB, max over ranks; (None, None) without CUDA."""
     if not torch.cuda.is_available():
         return None, None
-    peaks = torch.tensor([torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)],
-                         dtype=torch.float64, device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
-    allocated, reserved = (value / GIB for value in peaks.tolist())
+    device = distributed.device
+    peaks = [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)]
+    allocated, reserved = (value / GIB for value in distributed.all_max(peaks))
     return allocated, reserved
 
 
@@ -137,7 +135,7 @@ def measure(args, strategy: str, flash: bool, distributed: Distributed) -> dict:
         model, processor, train_args, dataset, train_collator(processor, training), callbacks=[timer],
         distributed=distributed,
     ).train()
-    allocated, reserved = peak_memory_gib(distributed.device)
+    allocated, reserved = peak_memory_gib(distributed)
 
     processes = distributed.world_size
     gpus = processes if torch.cuda.is_available() else 0

@@ -23,6 +23,7 @@ from .config import (
     AUTO_DTYPE,
     DEFAULT_DURING_TRAINING_SAMPLES,
     DTYPE_NAMES,
+    EVALUATION_RULE,
     RESUME_LATEST,
     DataConfig,
     EvaluationConfig,
@@ -103,7 +104,7 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
                       help="local copy of the task's dataset (save_to_disk folder, parquet or jsonl) instead of the hub")
     data.add_argument("--data_dir", default=None,
                       help="folder of conversation files (.json/.jsonl: generic, LLaVA/ShareGPT or chat messages, "
-                           "detected per file); *_val* (else *_eval*, else *_test*) files evaluate (see docs/data.md)")
+                           f"detected per file); {EVALUATION_RULE}")
     data.add_argument("--train_file", default=None,
                       help="one conversation file to train on (generic, LLaVA/ShareGPT or chat messages)")
     data.add_argument("--eval_file", default=None,
@@ -342,7 +343,7 @@ def _data_source_problems(args: argparse.Namespace) -> list[str]:
                         "(a copy of the task's dataset, or a chat-messages dataset), --data_dir (a folder of "
                         "conversation files) or --train_file (one conversation file)")
     if args.eval_file and not args.train_file:
-        problems.append("--eval_file needs --train_file (a --data_dir names its evaluation files *_val*)")
+        problems.append(f"--eval_file needs --train_file (in a --data_dir, {EVALUATION_RULE})")
     if args.image_folder and not given:
         problems.append("--image_folder applies to custom data: give --data_dir, --train_file or --dataset_path")
     for flag in ("train_file", "eval_file"):

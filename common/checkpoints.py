@@ -7,21 +7,28 @@ file with its size, so a folder truncated later (a copy cut short, a deletion ki
 counts either. A kill at any moment therefore leaves either a complete checkpoint or a folder that is visibly
 incomplete: automatic resume skips such folders (and says so); an explicit path to one is refused.
 
-`ResumableTrainer` is the Trainer that writes checkpoints this way, keeps `--save_total_limit` of them only
-once the newest is complete, and trains nothing more when it resumes from a checkpoint taken at the end.
+`ResumableTrainer` is the Trainer that writes checkpoints this way (the ranks agree before anything is touched: a
+rank whose peers are gone writes nothing, and a complete checkpoint at the step being saved is kept), keeps
+`--save_total_limit` of them only once the newest is complete, and trains nothing more when it resumes from a
+checkpoint taken at the end. `export_checkpoint_model` copies a checkpoint's model (--keep_best's final model);
+`writing` turns a full disk into one error that names the checkpoint the same command resumes from.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import CONFIG_NAME
 
 from .distributed import ONE_PROCESS, Distributed
 from .errors import UserError
@@ -29,11 +36,73 @@ from .errors import UserError
 logger = logging.getLogger(__name__)
 
 COMPLETE_FILE = "checkpoint_complete.json"
+MODEL_CONFIG = CONFIG_NAME  # a model folder's config.json
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 class IncompleteCheckpointError(UserError):
     """An explicit --resume_from_checkpoint names a folder that is not a complete checkpoint."""
+
+
+class OutOfDiskSpaceError(UserError):
+    """The filesystem of the output folder filled up while something was written (exit 1)."""
+
+
+# Below this much free space, torch's serialization failure ("unexpected pos ...": its writer stops short) means a
+# full disk: the half-written file then takes the last free blocks.
+NEARLY_FULL_BYTES = 16 * 2**20
+
+
+@contextlib.contextmanager
+def writing(what: str, path: Path, output_dir: Path) -> Iterator[None]:
+    """Write `what` to `path` in the block; a full disk there becomes one OutOfDiskSpaceError naming what was being
+    written, where, the free space, and the newest complete checkpoint in `output_dir`, which the same command
+    resumes from. Other errors pass unchanged."""
+    try:
+        yield
+    except Exception as error:
+        free = _free_bytes(Path(path))
+        if not _is_out_of_space(error, free):
+            raise
+        newest, _ = newest_complete_checkpoint(output_dir)
+        resume = (f"the same command resumes from {newest}, the newest complete checkpoint" if newest else
+                  "no complete checkpoint yet: the same command starts the run again")
+        raise OutOfDiskSpaceError(
+            f"out of disk space writing {what} to {path} ({_size(free)} free there); free space (or choose an "
+            f"--output_dir on a larger filesystem) and run again: {resume}"
+        ) from error
+
+
+def _is_out_of_space(error: BaseException, free: int | None) -> bool:
+    """Whether `error`, or an error it was raised from, says the disk is full."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):  # safetensors, DeepSpeed
+            return True
+        if isinstance(error, RuntimeError) and "inline_container" in str(error):  # torch.save
+            return free is not None and free < NEARLY_FULL_BYTES
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return shutil.disk_usage(folder).free
+    return None
+
+
+def _size(count: int | None) -> str:
+    if count is None:
+        return "unknown space"
+    if count < 1024:
+        return f"{count} bytes"
+    for unit in ("KiB", "MiB", "GiB"):
+        count /= 1024
+        if count < 1024:
+            return f"{count:.1f} {unit}"
+    return f"{count / 1024:.1f} TiB"
 
 
 def checkpoint_step(folder: Path) -> int | None:
@@ -170,6 +239,25 @@ def _files_of_all_ranks(folder: Path, distributed: Distributed) -> dict[str, int
     return dict(sorted(files.items()))
 
 
+# What a checkpoint holds besides the model and its processor: the state that resumes training.
+_TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "latest", "zero_to_fp32.py",
+                   COMPLETE_FILE)
+
+
+def export_checkpoint_model(checkpoint: Path, output_dir: Path) -> None:
+    """Copy the model of `checkpoint` (full weights or adapter, with config and processor) into `output_dir`, as
+    the final save would write it; its training state stays behind."""
+    for path in sorted(Path(checkpoint).iterdir()):
+        if path.is_file() and path.name not in _TRAINING_STATE and not path.name.startswith("rng_state"):
+            temporary = output_dir / f"{path.name}.tmp"
+            if path.name == MODEL_CONFIG:  # written while training ran without the KV cache; the model generates with it
+                config = {**json.loads(path.read_text()), "use_cache": True}
+                temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            else:
+                shutil.copyfile(path, temporary)
+            temporary.replace(output_dir / path.name)
+
+
 class ResumableTrainer(Trainer):
     """The Trainer, with complete-or-visibly-incomplete checkpoints and an exact resume from the last one.
 
@@ -189,15 +277,25 @@ class ResumableTrainer(Trainer):
     def _save_checkpoint(self, *args, **kwargs) -> None:
         # the Trainer's own folder (no hyperparameter search: the run directory is output_dir)
         folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        # The ranks agree first: a rank whose peers are gone (a worker killed, torchrun stopping the others) fails
+        # here, before anything is removed or written, since it could not finish a save they take part in.
+        if any(self.distributed.gather(self.args.should_save and why_incomplete(folder) is None)):
+            # This run's checkpoint at this step, already whole (a stop requested right after it was written;
+            # checkpoints of other runs or of an abandoned branch are never resumed past): it stays as it is.
+            if self.args.should_save:
+                logger.info("%s is already complete: kept", folder)
+            return
         if self.args.should_save:
-            if folder.exists():  # a leftover of a killed save, or an older run's: never complete while rewritten
+            if folder.exists():  # the leftover of a killed save: never complete while rewritten
                 remove_checkpoint(folder)
             logger.info("writing %s", folder)
         self.distributed.barrier()  # nobody writes into the folder while it is being removed
-        super()._save_checkpoint(*args, **kwargs)
-        files = _files_of_all_ranks(folder, self.distributed)  # after every rank has written its part (optimizer shards, RNG state)
+        with writing(f"the checkpoint {folder.name}", folder, folder.parent):
+            super()._save_checkpoint(*args, **kwargs)
+            files = _files_of_all_ranks(folder, self.distributed)  # after every rank has written its part (optimizer shards, RNG state)
+            if self.args.should_save:
+                mark_complete(folder, files)
         if self.args.should_save:
-            mark_complete(folder, files)
             best = self.state.best_model_checkpoint  # the best score's (common/training_evaluation.py)
             rotate_checkpoints(folder.parent, self.keep_checkpoints, folder, Path(best) if best else None)
             logger.info("checkpoint %s is complete", folder)

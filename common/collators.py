@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from .data import Sample
 from .errors import UserError
+from .phi3v.loss import IGNORE_INDEX  # the label the loss skips
 from .phi3v.processing_phi3_v import pad_sequences, split_counts
 
-IGNORE_INDEX = -100
 END_OF_ANSWER = "<|end|>\n<|endoftext|>"
 
 

@@ -18,6 +18,11 @@ if TYPE_CHECKING:  # annotations only: this module imports nothing at run time
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # --dtype's names of the weights' load dtype (torch's names)
 AUTO_DTYPE = "auto"  # --dtype auto: bf16 with flash attention, fp32 otherwise (the recipe's rule)
 RESUME_LATEST = "latest"  # --resume_from_checkpoint without a path: the newest checkpoint in output_dir
+# Which files of a --data_dir (or parquet files, or dataset splits) evaluate: the rule common/formats/naming.py
+# applies, stated here once for --help and the errors.
+EVALUATION_RULE = ("files evaluate when a word of their name (its runs of letters and digits) is val, valid or "
+                   "validation (else eval or evaluation, else test or testing; digits may follow: val2); the "
+                   "others train")
 DEFAULT_DURING_TRAINING_SAMPLES = 200  # evaluations during training stay a small share of the run's time
 
 

@@ -19,11 +19,10 @@ import torch
 from transformers import set_seed
 
 from .arguments import resolve_run_config
-from .checkpoints import newest_complete_checkpoint, why_incomplete
+from .checkpoints import export_checkpoint_model, newest_complete_checkpoint, why_incomplete, writing
 from .config import EvaluationConfig, OutputConfig, RunConfig
 from .distributed import Distributed
 from .errors import UserError
-from .evaluation import samples_path
 from .logging_setup import setup_logging
 from .metrics import Metric
 from .model_card import publish_run
@@ -31,11 +30,9 @@ from .model_loading import load_model, load_processor_and_model
 from .objective import SUPERVISED
 from .plotting import plot_training_curves
 from .preemption import Interrupted, PreemptionCallback, StopSignals, report_and_exit, resume_command
-from .report.run import REPORT_FILE
 from .run_directory import (
-    RUN_FILE,
     completed_evaluation,
-    discard_unresumable_outputs,
+    discard_half_written_outputs,
     record_run,
     resolve_checkpoint,
     run_identity,
@@ -43,7 +40,7 @@ from .run_directory import (
 from .task import Task, load_datasets
 from .trainer import FinetuningTrainer, release_training_state
 from .training_arguments import training_arguments
-from .training_evaluation import BestCheckpointCallback, during_training_subset, export_checkpoint_model
+from .training_evaluation import BestCheckpointCallback, during_training_subset
 
 logger = logging.getLogger(__name__)
 
@@ -106,22 +103,20 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
 
     output_dir = Path(outputs.output_dir)
     created_output_dir = not output_dir.exists()
-    results, written = {}, [REPORT_FILE]
+    results = {}
     report = objective.run_report(output_dir, identity, task.metric, eval_dataset, distributed)
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     preemption = PreemptionCallback(signals)
     try:
-        objective = objective.start(config, processor, model, train_dataset, eval_dataset, distributed, written)
+        objective = objective.start(config, processor, model, train_dataset, eval_dataset, distributed)
         if not evaluation.skip_before:
             signals.activity = "the evaluation before training"
             with precision.autocast(distributed.device):
                 results["before"] = _evaluation_before(
-                    objective, model, processor, task, eval_dataset, identity, output_dir, evaluation, distributed,
-                    written,
+                    objective, model, processor, task, eval_dataset, identity, output_dir, evaluation, distributed
                 )
             report.evaluated("before", output_dir / "eval_before.json")
-        written.append(RUN_FILE)
         record_run(output_dir, identity, distributed)
         signals.activity = "the set-up of training"
         watch, task_evaluation = _evaluation_during_training(
@@ -134,7 +129,7 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
         )
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except UserError:
-        discard_unresumable_outputs(output_dir, created_output_dir, written, distributed)
+        discard_half_written_outputs(output_dir, created_output_dir, distributed)
         raise
     if preemption.stopped_at is not None:
         stopped_at = output_dir / f"checkpoint-{preemption.stopped_at}"
@@ -146,17 +141,18 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
     signals.activity = "the final save"
     model.config.use_cache = True  # switched off for training only; saved checkpoints generate with a cache
     best = _best_checkpoint(trainer, config, task.metric)
-    if best is None:
-        trainer.save_model()
-    elif distributed.is_main:
-        export_checkpoint_model(best, output_dir)
-    logger.info("%s saved to %s%s", "LoRA adapter" if strategy.lora else "model", output_dir,
-                f" (the best, {best.name})" if best else "")
-    trainer.save_state()  # trainer_state.json: the run's log history (loss, learning rate, eval_<metric>) and best
-    report.progress(trainer.state.log_history, trainer.state.global_step)
-    if distributed.is_main:
-        plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
-        logger.info("training curves: %s", output_dir / "training_curves.png")
+    with writing("the final model", output_dir, output_dir):
+        if best is None:
+            trainer.save_model()
+        elif distributed.is_main:
+            export_checkpoint_model(best, output_dir)
+        logger.info("%s saved to %s%s", "LoRA adapter" if strategy.lora else "model", output_dir,
+                    f" (the best, {best.name})" if best else "")
+        trainer.save_state()  # trainer_state.json: the run's log history (loss, learning rate, eval_<metric>) and best
+        report.progress(trainer.state.log_history, trainer.state.global_step)
+        if distributed.is_main:
+            plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+            logger.info("training curves: %s", output_dir / "training_curves.png")
     trainer.accelerator.wait_for_everyone()
 
     # DeepSpeed trained a half-precision copy of the weights: the saved model is the master weights in the load dtype
@@ -221,15 +217,14 @@ def _best_checkpoint(trainer: FinetuningTrainer, config: RunConfig, metric: Metr
 
 
 def _evaluation_before(
-    objective, model, processor, task: Task, eval_dataset, identity: dict, output_dir: Path, evaluation: EvaluationConfig,
-    distributed: Distributed, written: list[str],
+    objective, model, processor, task: Task, eval_dataset, identity: dict, output_dir: Path,
+    evaluation: EvaluationConfig, distributed: Distributed,
 ) -> float:
     """The score before training: evaluated, or read back when this same run already evaluated it (a rerun
     after an interruption, with or without a checkpoint)."""
     path = output_dir / "eval_before.json"
     score = completed_evaluation(path, identity, task.metric, len(eval_dataset))
     if score is None:
-        written += [path.name, samples_path(path).name]
         return _evaluate_and_report(objective, model, processor, task, eval_dataset, path, "before", evaluation,
                                     distributed)
     logger.info("%s before finetuning: %.4f, from %s (already evaluated by this run)", task.metric.name, score, path)
@@ -242,7 +237,8 @@ def _evaluate_and_report(
     objective, model, processor, task: Task, dataset, path: Path, when: str, evaluation: EvaluationConfig,
     distributed: Distributed,
 ) -> float:
-    report = objective.evaluate(model, processor, dataset, task.metric, path, evaluation, distributed)
+    with writing(f"the evaluation {path.name}", path, path.parent):
+        report = objective.evaluate(model, processor, dataset, task.metric, path, evaluation, distributed)
     score = report[task.metric.name]
     logger.info("%s %s finetuning: %.4f (%d samples, %s)", task.metric.name, when, score, len(dataset), path)
     if distributed.is_main:
@@ -255,6 +251,7 @@ def _evaluate_and_report(
 
 def _write_merged(model, processor, output_dir: Path) -> None:
     merged_dir = output_dir / "merged"
-    model.merge_and_unload().save_pretrained(merged_dir)
-    processor.save_pretrained(merged_dir)
+    with writing("the merged model", merged_dir, output_dir):
+        model.merge_and_unload().save_pretrained(merged_dir)
+        processor.save_pretrained(merged_dir)
     logger.info("merged standalone checkpoint written to %s", merged_dir)

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoProcessor
 
 from . import phi3v  # noqa: F401  (registers phi3_v with the Auto classes used here)
-from .checkpoints import checkpoint_folders
+from .checkpoints import MODEL_CONFIG, checkpoint_folders
 from .data import Sample, SampleDataset, Turn
 from .distributed import Distributed
 from .errors import UserError
@@ -33,7 +33,6 @@ from .precision import Precision
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
-MODEL_CONFIG = "config.json"
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 

@@ -5,7 +5,7 @@ these steps:
 
     preview(config, train, evaluation, distributed)        --preview_samples
     run_report(output_dir, identity, metric, evaluation, distributed) -> evaluation.html's writer (common/report)
-    start(config, processor, model, train, evaluation, distributed, written) -> the objective of this run,
+    start(config, processor, model, train, evaluation, distributed) -> the objective of this run,
                                                             once the model is loaded (a preference run's reference)
     evaluate(model, processor, dataset, metric, path, evaluation, distributed) -> report   before / after training
     during_training(processor, dataset, metric, evaluation, precision, distributed) -> model -> {"eval_...": ...}
@@ -30,7 +30,7 @@ class Supervised:
     during_training = TaskEvaluation
     run_report = RunReport
 
-    def start(self, config, processor, model, train, evaluation, distributed, written) -> Supervised:
+    def start(self, config, processor, model, train, evaluation, distributed) -> Supervised:
         return self
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""The task metric while training runs: when to evaluate, the best checkpoint, early stopping, the final model.
+"""The task metric while training runs: when to evaluate, the best checkpoint, early stopping.
 
 `--eval_steps N` and `--eval_every_epoch` ask the Trainer for an evaluation (its `should_evaluate`); the
 Trainer's `evaluate` (common/trainer.py) then calls `TaskEvaluation`: the same generation and scoring as the
@@ -16,9 +16,7 @@ an evaluated step is written after that evaluation, so a resumed run neither rep
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +24,6 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .checkpoints import COMPLETE_FILE
 from .config import DEFAULT_DURING_TRAINING_SAMPLES, EvaluationConfig, TrainingEvaluationConfig
 from .data import SampleDataset
 from .distributed import Distributed
@@ -104,23 +101,3 @@ class BestCheckpointCallback(TrainerCallback):
             logger.info("early stopping at step %d: %s has not improved since step %d (--early_stopping_patience %d)",
                         step, self.metric_name, state.best_global_step, patience)
             control.should_training_stop = True
-
-
-MODEL_CONFIG = "config.json"
-# What a checkpoint holds besides the model and its processor: the state that resumes training.
-_TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "latest", "zero_to_fp32.py",
-                   COMPLETE_FILE)
-
-
-def export_checkpoint_model(checkpoint: Path, output_dir: Path) -> None:
-    """Copy the model of `checkpoint` (full weights or adapter, with config and processor) into `output_dir`, as
-    the final save would write it; its training state stays behind."""
-    for path in sorted(Path(checkpoint).iterdir()):
-        if path.is_file() and path.name not in _TRAINING_STATE and not path.name.startswith("rng_state"):
-            temporary = output_dir / f"{path.name}.tmp"
-            if path.name == MODEL_CONFIG:  # written while training ran without the KV cache; the model generates with it
-                config = {**json.loads(path.read_text()), "use_cache": True}
-                temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            else:
-                shutil.copyfile(path, temporary)
-            temporary.replace(output_dir / path.name)

@@ -58,7 +58,9 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 WORK="$OUT.work"
 LOGS="$WORK/logs"
-rm -rf "$LOGS" "$WORK/benchmark" "$WORK/gpu_tests.xml" && mkdir -p "$LOGS"  # nothing from an earlier run
+# nothing from an earlier run: the report reads what is there (a stage that does not run this time must not lend it
+# an earlier run's figures)
+rm -rf "$LOGS" "$WORK/benchmark" "$WORK/batching" "$WORK/gpu_tests.xml" && mkdir -p "$LOGS"
 STEPS=()
 PY="${NODE_PYTHON:-.venv/bin/python}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -69,6 +71,14 @@ say() { echo "[gpu_check $(elapsed)s] $*"; }
 # record NAME STATUS STEP_START [DETAIL]
 record() { STEPS+=("--step" "$1=$2:$(( $(date +%s) - $3 ))${4:+:$4}"); }
 last_line() { tail -n 1 "$1" | tr ':|' '  ' | cut -c1-200; }
+# within SECONDS COMMAND...: COMMAND under `timeout SECONDS`. A budget already spent (under 1 s) runs nothing and
+# reports a timeout (124): `timeout 0` would mean no limit at all, and a negative one is an error.
+within() {
+    local seconds=$1
+    shift
+    [ "$seconds" -ge 1 ] || return 124
+    timeout "$seconds" "$@"
+}
 
 write_report() {
     if "$PY" -c "import torch" 2>/dev/null; then
@@ -115,7 +125,7 @@ venv_environment() {
     step=$(date +%s)
     say "setting up .venv (CUDA torch, the lock) -> logs/setup.log"
     if [ -L .venv ] && [ ! -e .venv ]; then rm .venv; fi  # a dangling link (a worktree's shared environment)
-    if timeout "$(left)" scripts/setup_env.sh >"$LOGS/setup.log" 2>&1 \
+    if within "$(left)" scripts/setup_env.sh >"$LOGS/setup.log" 2>&1 \
         && "$PY" -c "import torch, bitsandbytes; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'" >>"$LOGS/setup.log" 2>&1; then
         record environment ok "$step" "torch $("$PY" -c 'import torch; print(torch.__version__)')"
     else
@@ -160,7 +170,7 @@ say "GPU tests (pytest -m gpu) -> logs/gpu_tests.log"
 test_budget=$(( $(left) * 40 / 100 ))
 [ "$test_budget" -gt 150 ] && test_budget=150
 [ "$MODE" = dry-run ] && test_budget=$(( $(left) / 2 ))
-timeout "$test_budget" "$PY" -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -q -rA \
+within "$test_budget" "$PY" -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -q -rA \
     --junitxml "$WORK/gpu_tests.xml" >"$LOGS/gpu_tests.log" 2>&1
 status=$?
 case $status in
@@ -174,7 +184,7 @@ esac
 run_benchmark() {
     local name=$1 budget=$2 started=$3 timed_out=$4 status
     shift 4
-    timeout "$budget" "$PY" benchmark.py "$@" --output_dir "$WORK/$name" --cache_dir "$WORK/cache" \
+    within "$budget" "$PY" benchmark.py "$@" --output_dir "$WORK/$name" --cache_dir "$WORK/cache" \
         >"$LOGS/$name.log" 2>&1
     status=$?
     case $status in
@@ -199,7 +209,7 @@ else
     else record qlora "not installed" "$(date +%s)" "no bitsandbytes (a --no-qlora wheelhouse?): the QLoRA tests fail, QLoRA is not benchmarked"; fi
     count=$(( $(tr -cd , <<<"$strategies" | wc -c) + 1 ))
     bench=(--random_init --strategies "$strategies" --flash auto --batch_size 8 --steps 2
-           --warmup_steps 1 --data_samples 2 --num_pages 2 --config_timeout $(( (bench_budget - 60) / count )))
+           --warmup_steps 1 --data_samples 2 --num_pages 2 --config_timeout $(( bench_budget > 60 + count ? (bench_budget - 60) / count : 1 )))
 fi
 run_benchmark benchmark "$bench_budget" "$step" "after ${bench_budget}s (rows so far are in the report)" "${bench[@]}"
 

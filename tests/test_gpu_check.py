@@ -26,6 +26,23 @@ def dry_run(tmp_path_factory) -> dict:
             "md": (out / "gpu_check.md").read_text(), "stdout": done.stdout}
 
 
+def test_a_spent_budget_runs_no_stage_and_reports_no_earlier_figures(tmp_path):
+    """With nothing left of the budget every stage is reported as timed out without running (never `timeout 0`, which
+    means no limit, nor a negative one), and the figures an earlier run left in OUT.work are not reported as new."""
+    out = tmp_path / "out"
+    stale = tmp_path / "out.work" / "batching" / "batching.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"rows": [{"layout": "packed", "tokens_per_s": 1.0}]}))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([str(REPO / "scripts" / "gpu_check.sh"), "--dry-run", "--budget", "0", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    report = json.loads((out / "gpu_check.json").read_text())
+    steps = {step["name"]: step["status"] for step in report["setup"]}
+    assert steps == {"environment": "ok", "gpu-tests": "timed out", "benchmark": "timed out",
+                     "batching": "timed out"}, done.stdout[-3000:] + done.stderr[-3000:]
+    assert report["batching"] is None and not stale.exists()
+
+
 def test_dry_run_report_has_every_stage(dry_run):
     report = dry_run["json"]
     assert report["mode"] == "dry-run" and report["device"]["cuda"] is False

@@ -1,7 +1,7 @@
 """Where a run's custom conversations come from, and which of them evaluate.
 
-- `--data_dir DIR`: every `.json` / `.jsonl` file directly in DIR, each in its own format; files named
-  `*_val*` (else `*_eval*`, else `*_test*`, see naming.py) evaluate, the others train.
+- `--data_dir DIR`: every `.json` / `.jsonl` file directly in DIR, each in its own format; which of them evaluate
+  is naming.py's EVALUATION_RULE (`docs_val.jsonl`, `docs-validation2.json`; not `docs_valset.jsonl`).
 - `--train_file FILE` (and `--eval_file FILE`): single files, any format.
 - `--dataset_path` of a chat-messages dataset (tables.py).
 Without evaluation data the first `--eval_size` training samples are held out to evaluate (as the
@@ -18,7 +18,7 @@ from ..config import DataConfig
 from ..data import Sample, SampleDataset
 from ..errors import UserError
 from .files import read_conversation_file
-from .naming import data_files, split_by_name
+from .naming import EVALUATION_RULE, data_files, split_by_name
 from .tables import is_messages_dataset, load_messages_dataset
 
 CONVERSATION_SUFFIXES = (".json", ".jsonl")
@@ -59,7 +59,7 @@ def data_dir_files(root: Path) -> tuple[list[Path], list[Path]]:
     train, evaluation = split_by_name(files)
     if not train:
         raise UserError(f"--data_dir {root}: only evaluation files ({', '.join(f.name for f in evaluation)}); "
-                        "training files are the .json/.jsonl files not named *_val*, *_eval* or *_test*")
+                        f"{EVALUATION_RULE}")
     return train, evaluation
 
 
@@ -68,7 +68,8 @@ def hold_out(train: SampleDataset, eval_size: int, source: str) -> tuple[SampleD
     if eval_size >= len(train):
         raise UserError(
             f"{source} has no evaluation file or split, and --eval_size {eval_size} would hold out all "
-            f"{len(train)} samples for evaluation; lower --eval_size or add an evaluation file (*_val*)"
+            f"{len(train)} samples for evaluation; lower --eval_size or add an evaluation file, e.g. NAME_val.jsonl "
+            f"({EVALUATION_RULE})"
         )
     return train.subset(range(eval_size, len(train))), train.subset(range(eval_size))
 

@@ -22,7 +22,7 @@ from ..errors import UserError
 from . import chat
 from .conversation import RecordError
 from .images import ImagePaths
-from .naming import data_files, evaluation_rank, split_by_name
+from .naming import EVALUATION_RULE, data_files, evaluation_rank, split_by_name
 
 
 def is_messages_dataset(path: Path) -> bool:
@@ -52,8 +52,8 @@ def load_messages_dataset(path: Path, image_folder: Path | None) -> tuple[Sample
 
 def dataset_parts(path: Path) -> dict[str, datasets.Dataset | None]:
     """{"train": rows, "evaluation": rows or None} of a --dataset_path copy: a DatasetDict's `train` split and its
-    `validation`/`val` (else `eval`, else `test`) split; parquet files split by name as --data_dir's; a single
-    Dataset or file trains."""
+    evaluation split (named as by naming.EVALUATION_RULE); a folder's parquet files split by name as --data_dir's;
+    a single Dataset or file trains, whatever its name."""
     if (path / "dataset_dict.json").is_file():
         splits = datasets.load_from_disk(str(path))
         if "train" not in splits:
@@ -63,10 +63,11 @@ def dataset_parts(path: Path) -> dict[str, datasets.Dataset | None]:
     elif (path / "state.json").is_file():
         parts = {"train": datasets.load_from_disk(str(path)), "evaluation": None}
     else:
-        files = [path] if path.is_file() else data_files(path, (".parquet",))
-        train_files, eval_files = split_by_name(files)
+        # a file given by itself trains, whatever its name (evaluation is then held out: --eval_size)
+        train_files, eval_files = ([path], []) if path.is_file() else split_by_name(data_files(path, (".parquet",)))
         if not train_files:
-            raise UserError(f"--dataset_path {path}: no training parquet file among {[f.name for f in files]}")
+            raise UserError(f"--dataset_path {path}: no training parquet file among "
+                            f"{[f.name for f in eval_files]} ({EVALUATION_RULE})")
         parts = {"train": _parquet(train_files), "evaluation": _parquet(eval_files) if eval_files else None}
     return parts
 

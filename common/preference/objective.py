@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints import writing
 from ..collators import IGNORE_INDEX
 from ..config import EvaluationConfig, RunConfig, TrainingConfig
 from ..data import SampleDataset
@@ -113,12 +114,12 @@ class PreferenceTuning:
             print(f"{len(records)} preview records written to {path}", flush=True)
 
     def start(self, config: RunConfig, processor, model, train: SampleDataset, evaluation: SampleDataset,
-              distributed: Distributed, written: list[str]) -> PreferenceRun:
+              distributed: Distributed) -> PreferenceRun:
         options = config.task_options
         _without_dropout(model)
         if options.precompute_ref_log_probs:
             reference = Precomputed(_reference_logps(config, processor, model, {"train": train, "evaluation": evaluation},
-                                                     distributed, written))
+                                                     distributed))
         elif config.strategy.lora:
             reference = AdaptersDisabled()
         else:
@@ -195,7 +196,7 @@ def _without_dropout(model: nn.Module) -> None:
 
 
 def _reference_logps(config: RunConfig, processor, model, datasets: dict[str, SampleDataset],
-                     distributed: Distributed, written: list[str]) -> dict:
+                     distributed: Distributed) -> dict:
     """Every pair's reference log-probabilities: read back when this run stored them, else computed with the
     starting model (before any training) and stored."""
     output_dir = Path(config.outputs.output_dir)
@@ -218,8 +219,8 @@ def _reference_logps(config: RunConfig, processor, model, datasets: dict[str, Sa
                                lambda batch: sequence_logps(model, batch, normalized)[0])
             logps[split] = by_id(rows, split)
     if distributed.is_main:
-        written.append(STORED_FILE)
-        path = store_logps(output_dir, key, logps)
+        with writing("the reference log-probabilities", output_dir / STORED_FILE, output_dir):
+            path = store_logps(output_dir, key, logps)
         logger.info("reference log-probabilities of %d pairs computed before training, stored in %s",
                     sum(map(len, logps.values())), path)
     distributed.barrier()

@@ -2,23 +2,32 @@
 checkpoint a run resumes from, rotation that never leaves no complete checkpoint, and the ResumableTrainer
 that writes them (a save that dies half-way, a resume from the checkpoint at max_steps)."""
 
+import errno
 import json
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from common import checkpoints
 from common.checkpoints import (
     COMPLETE_FILE,
     IncompleteCheckpointError,
+    OutOfDiskSpaceError,
     ResumableTrainer,
     check_complete,
+    export_checkpoint_model,
     mark_complete,
     newest_complete_checkpoint,
     remove_checkpoint,
     rotate_checkpoints,
     why_incomplete,
+    writing,
 )
+from common.config import TrainingEvaluationConfig
+from common.distributed import Distributed
+from common.metrics import ACCURACY
+from common.training_evaluation import BestCheckpointCallback
 from tests.common.regression_trainer import regression_trainer, weights
 
 
@@ -138,9 +147,39 @@ def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint_complete(tmp_p
 
 
 def test_a_rewritten_checkpoint_holds_only_the_new_files(tmp_path):
-    stale = write_checkpoint(tmp_path, 2)  # e.g. of an earlier attempt, resumed from an older checkpoint
+    leftover = write_checkpoint(tmp_path, 2, complete=False)  # of a save killed half-way
     regression_trainer(tmp_path, max_steps=2, save_steps=2).train()
-    assert not (stale / "global_step2").exists() and why_incomplete(stale) is None
+    assert not (leftover / "global_step2").exists() and why_incomplete(leftover) is None
+
+
+def test_a_save_at_a_step_with_a_complete_checkpoint_keeps_it(tmp_path):
+    """A stop requested right after checkpoint-2 was written saves at step 2 again: the complete one stays."""
+    trainer = regression_trainer(tmp_path, max_steps=2, save_steps=2)
+    trainer.train()
+    manifest = (tmp_path / "checkpoint-2" / COMPLETE_FILE).read_text()
+    trainer._save_checkpoint(trainer.model, None)
+    assert (tmp_path / "checkpoint-2" / COMPLETE_FILE).read_text() == manifest
+    assert why_incomplete(tmp_path / "checkpoint-2") is None
+
+
+class PeersGone(Distributed):
+    """A rank whose peers were killed: its next collective fails."""
+
+    def gather(self, value) -> list:
+        raise torch.distributed.DistError("Connection closed by peer")
+
+
+def test_a_save_whose_peers_are_gone_touches_nothing(tmp_path):
+    trainer = regression_trainer(tmp_path, max_steps=2, save_steps=2)
+    trainer.train()
+    leftover = write_checkpoint(tmp_path, 4, complete=False)
+    trainer.distributed = PeersGone(rank=0, local_rank=0, world_size=2, local_world_size=2, device=torch.device("cpu"))
+    for step in (2, 4):  # the step of the newest complete checkpoint, a step with a leftover
+        trainer.state.global_step = step
+        with pytest.raises(torch.distributed.DistError):
+            trainer._save_checkpoint(trainer.model, None)
+    assert why_incomplete(tmp_path / "checkpoint-2") is None
+    assert (leftover / "model.safetensors").is_file()
 
 
 def test_resuming_from_the_checkpoint_at_max_steps_trains_nothing(tmp_path):
@@ -199,3 +238,88 @@ def test_the_manifest_holds_what_every_rank_wrote_even_if_another_lists_it_late(
         assert [process.exitcode for process in ranks] == [0, 0]
         expected = {"model.safetensors": 100, "zero_pp_rank_0.pt": 30, "zero_pp_rank_1.pt": 30}
         assert results[0] == results[1] == expected
+
+
+class DiskFullWhileSaving(ResumableTrainer):
+    """The filesystem fills up while checkpoint-4 is written (after its weights and optimizer)."""
+
+    def _save_rng_state(self, output_dir):
+        if output_dir.endswith("checkpoint-4"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super()._save_rng_state(output_dir)
+
+
+def test_a_full_disk_while_saving_is_one_error_naming_what_where_and_the_checkpoint_to_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints, "_free_bytes", lambda path: 2048)
+    with pytest.raises(OutOfDiskSpaceError) as error:
+        regression_trainer(tmp_path, max_steps=6, save_steps=2, trainer_class=DiskFullWhileSaving).train()
+    assert str(error.value) == (
+        f"out of disk space writing the checkpoint checkpoint-4 to {tmp_path / 'checkpoint-4'} (2.0 KiB free there); "
+        "free space (or choose an --output_dir on a larger filesystem) and run again: the same command resumes from "
+        f"{tmp_path / 'checkpoint-2'}, the newest complete checkpoint"
+    )
+    assert why_incomplete(tmp_path / "checkpoint-2") is None
+
+
+@pytest.mark.parametrize("failure, free, converted", [
+    (OSError(errno.ENOSPC, "No space left on device"), 0, True),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), 10**9, True),
+    (Exception("Error while serializing: I/O error: No space left on device (os error 28)"), 0, True),  # safetensors
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), 4096, True),  # torch.save
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), 10**10, False),
+    (OSError(errno.EACCES, "Permission denied"), 0, False),
+], ids=["ENOSPC", "quota", "safetensors", "torch.save, disk nearly full", "torch.save, space left", "permission"])
+def test_which_failures_are_a_full_disk(tmp_path, monkeypatch, failure, free, converted):
+    monkeypatch.setattr(checkpoints, "_free_bytes", lambda path: free)
+    expected = OutOfDiskSpaceError if converted else type(failure)
+    with pytest.raises(expected) as error, writing("the evaluation eval_after.json", tmp_path / "eval_after.json",
+                                                   tmp_path):
+        raise failure
+    if converted:
+        assert str(error.value).startswith(f"out of disk space writing the evaluation eval_after.json to "
+                                           f"{tmp_path / 'eval_after.json'} (")
+        assert str(error.value).endswith("no complete checkpoint yet: the same command starts the run again")
+    else:
+        assert error.value is failure
+
+
+def test_the_export_copies_the_model_and_leaves_the_training_state(tmp_path):
+    checkpoint, output_dir = tmp_path / "checkpoint-2", tmp_path / "out"
+    (checkpoint / "global_step2").mkdir(parents=True)
+    output_dir.mkdir()
+    model_files = {"model.safetensors": "weights", "preprocessor_config.json": "{}", "training_args.bin": "args",
+                   "adapter_model.safetensors": "adapter", "tokenizer.json": "{}"}
+    state_files = ["optimizer.pt", "scheduler.pt", "rng_state.pth", "rng_state_1.pth", "trainer_state.json",
+                   "latest", "zero_to_fp32.py", "checkpoint_complete.json", "global_step2/shard.pt"]
+    for name, text in model_files.items():
+        (checkpoint / name).write_text(text)
+    for name in state_files:
+        (checkpoint / name).write_text("state")
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "phi3_v", "use_cache": False}))
+    export_checkpoint_model(checkpoint, output_dir)
+    assert sorted(path.name for path in output_dir.iterdir()) == sorted([*model_files, "config.json"])
+    assert all((output_dir / name).read_text() == text for name, text in model_files.items())
+    assert json.loads((output_dir / "config.json").read_text()) == {"model_type": "phi3_v", "use_cache": True}
+
+
+class ScoredEveryTwoSteps(TrainerCallback):
+    """Hands the real BestCheckpointCallback a score every second step, the best at step 2 (as --eval_steps 2)."""
+
+    def __init__(self, watch: BestCheckpointCallback):
+        self.watch = watch
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % 2 == 0:
+            score = 1.0 if state.global_step == 2 else 0.0
+            self.watch.on_evaluate(args, state, control, metrics={"eval_accuracy": score})
+
+
+def test_save_total_limit_keeps_the_best_checkpoint_beyond_the_count(tmp_path):
+    """--keep_best with --save_total_limit 1: the Trainer state's best checkpoint (which BestCheckpointCallback sets
+    and the rotation reads) survives every later save."""
+    watch = BestCheckpointCallback(TrainingEvaluationConfig(eval_steps=2, keep_best=True), ACCURACY, num_samples=1)
+    trainer = regression_trainer(tmp_path, max_steps=8, save_steps=2, keep=1, callbacks=[ScoredEveryTwoSteps(watch)])
+    trainer.train()
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-8"]
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-2")
+    assert why_incomplete(tmp_path / "checkpoint-2") is None

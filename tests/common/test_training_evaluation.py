@@ -1,7 +1,6 @@
 """common/training_evaluation.py: when evaluations run, what a score does (best, --keep_best, early stopping),
 and the export of the best checkpoint's model."""
 
-import json
 
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -9,7 +8,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 from common.config import TrainingEvaluationConfig
 from common.data import Sample, SampleDataset, Turn
 from common.metrics import ACCURACY
-from common.training_evaluation import BestCheckpointCallback, during_training_subset, export_checkpoint_model
+from common.training_evaluation import BestCheckpointCallback, during_training_subset
 
 
 def callback(**config) -> BestCheckpointCallback:
@@ -92,22 +91,3 @@ def dataset(count: int) -> SampleDataset:
 def test_the_first_k_samples_are_evaluated(samples, size, expected):
     subset = during_training_subset(dataset(size), TrainingEvaluationConfig(eval_steps=1, samples=samples))
     assert [subset[i].id for i in range(len(subset))] == [f"s{i}" for i in range(expected)]
-
-
-def test_the_export_copies_the_model_and_leaves_the_training_state(tmp_path):
-    checkpoint, output_dir = tmp_path / "checkpoint-2", tmp_path / "out"
-    (checkpoint / "global_step2").mkdir(parents=True)
-    output_dir.mkdir()
-    model_files = {"model.safetensors": "weights", "preprocessor_config.json": "{}", "training_args.bin": "args",
-                   "adapter_model.safetensors": "adapter", "tokenizer.json": "{}"}
-    state_files = ["optimizer.pt", "scheduler.pt", "rng_state.pth", "rng_state_1.pth", "trainer_state.json",
-                   "latest", "zero_to_fp32.py", "checkpoint_complete.json", "global_step2/shard.pt"]
-    for name, text in model_files.items():
-        (checkpoint / name).write_text(text)
-    for name in state_files:
-        (checkpoint / name).write_text("state")
-    (checkpoint / "config.json").write_text(json.dumps({"model_type": "phi3_v", "use_cache": False}))
-    export_checkpoint_model(checkpoint, output_dir)
-    assert sorted(path.name for path in output_dir.iterdir()) == sorted([*model_files, "config.json"])
-    assert all((output_dir / name).read_text() == text for name, text in model_files.items())
-    assert json.loads((output_dir / "config.json").read_text()) == {"model_type": "phi3_v", "use_cache": True}

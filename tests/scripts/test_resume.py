@@ -39,7 +39,7 @@ from tests.scripts.e2e import (
 )
 
 SCRIPT = SCRIPTS["hateful_memes"]
-KILLED_WHILE_SAVING = REPO_ROOT / "tests" / "scripts" / "_killed_while_saving.py"
+KILLED_AT_CHECKPOINT = REPO_ROOT / "tests" / "scripts" / "_killed_at_checkpoint.py"
 WEIGHTS = {"full": "model.safetensors", "frozen": "model.safetensors", "lora": "adapter_model.safetensors",
            "qlora": "adapter_model.safetensors"}
 
@@ -85,7 +85,7 @@ def killed(request, launcher, tiny_model_dir, data, tmp_path_factory):
     killed_job = job("killed")
     runs = launcher.run_many({
         "uninterrupted": job("uninterrupted"),
-        "killed": (KILLED_WHILE_SAVING, ["4", killed_job[0], *killed_job[1]]),
+        "killed": (KILLED_AT_CHECKPOINT, ["while-saving", "4", killed_job[0], *killed_job[1]]),
     })
     runs["uninterrupted"].check()
     # Stopped after its last checkpoint, before the final save: what is left is the run record and checkpoints.
@@ -315,3 +315,52 @@ def wait_for_file(root, pattern: str, timeout: float = 120):
             return found[0]
         time.sleep(0.05)
     raise AssertionError(f"no {pattern} under {root}")
+
+
+# ---- torchrun --max_restarts: a worker killed (a lost node or GPU, the OOM killer) restarts and resumes by itself ----
+
+
+def restart_args(model_dir, output_dir, data, strategy: str):
+    # global batch 4 = 2 processes x 1 per device x 2 accumulation steps; checkpoints at steps 2, 4 and 6
+    return args_for(model_dir, output_dir, data, strategy, "--batch_size", "4", "--batch_size_per_gpu", "1",
+                    "--max_steps", "6", "--save_steps", "2")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_torchrun(tiny_model_dir, data, tmp_path_factory):
+    """strategy -> the output folder of the two-process run without a kill."""
+    root, runs = tmp_path_factory.mktemp("uninterrupted_torchrun"), {}
+
+    def run(strategy):
+        if strategy not in runs:
+            output_dir = root / strategy
+            finish(torchrun(SCRIPT, restart_args(tiny_model_dir, output_dir, data, strategy), "--nproc_per_node=2",
+                            f"--master_port={free_port()}", cwd=root)).check()
+            runs[strategy] = output_dir
+        return runs[strategy]
+
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["lora", "full"])  # DDP, DeepSpeed ZeRO-2
+@pytest.mark.parametrize("moment, resumed_from", [("after-saving", 4), ("while-saving", 2)])
+def test_a_killed_torchrun_worker_restarts_and_the_run_finishes_by_itself(
+    uninterrupted_torchrun, tiny_model_dir, data, tmp_path, strategy, moment, resumed_from
+):
+    """Rank 1 is SIGKILLed at checkpoint-4 (once it is complete, or while it is written); torchrun stops rank 0
+    and, with --max_restarts=1, starts both again: they form their process group anew, resume from the newest
+    complete checkpoint, and the job ends with the uninterrupted run's weights, with no command typed again."""
+    output_dir = tmp_path / "killed"
+    launch = ["--nproc_per_node=2", "--max_restarts=1", f"--master_port={free_port()}"]
+    started = time.monotonic()
+    result = finish(torchrun(KILLED_AT_CHECKPOINT, [moment, "4", SCRIPT, *restart_args(tiny_model_dir, output_dir,
+                                                                                        data, strategy)],
+                             *launch, cwd=tmp_path))
+    print(f"{strategy}, killed {moment}: {time.monotonic() - started:.0f} s")
+    result.check()
+    assert "torchrun restart 1: the process group of 2 processes is formed" in result.stdout, result.tail()
+    assert f"resuming from {output_dir / f'checkpoint-{resumed_from}'}" in result.stdout, result.tail()
+    for step in (4, 6):
+        assert why_incomplete(output_dir / f"checkpoint-{step}") is None
+    assert_same_weights(uninterrupted_torchrun(strategy), output_dir, strategy)

@@ -10,7 +10,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from common.config import DataConfig
+from common.config import EVALUATION_RULE, DataConfig
 from common.errors import UserError
 from common.formats import load_conversations
 from common.formats.naming import evaluation_rank, split_by_name
@@ -41,6 +41,7 @@ def ids(dataset) -> list[str]:
 @pytest.mark.parametrize("name, rank", [
     ("mydata_val", 0), ("val", 0), ("x-validation", 0), ("set.valid2", 0), ("docs_eval", 1), ("evaluation", 1),
     ("ucf101_test", 2), ("llava_v1_5_mix665k", None), ("mydata_train", None), ("values", None), ("contest", None),
+    ("docs_valset", None), ("x_values", None),
 ])
 def test_evaluation_names(name, rank):
     assert evaluation_rank(name) == rank
@@ -50,6 +51,16 @@ def test_validation_files_are_preferred_and_test_files_then_unused():
     files = [Path(name) for name in ("a_train.jsonl", "b.json", "a_test.jsonl", "a_val.jsonl", "b_val.json")]
     assert split_by_name(files) == ([Path("a_train.jsonl"), Path("b.json")], [Path("a_val.jsonl"), Path("b_val.json")])
     assert split_by_name(files[:3]) == (files[:2], [Path("a_test.jsonl")])
+
+
+def test_names_that_only_look_like_evaluation_names_are_reported(caplog):
+    files = [Path(name) for name in ("docs_valset.jsonl", "x_values.jsonl", "dev.jsonl", "docs.jsonl", "docs_val.jsonl")]
+    with caplog.at_level("WARNING"):
+        assert split_by_name(files) == (files[:4], files[4:])
+    reported = [record.getMessage() for record in caplog.records]
+    assert len(reported) == 3 and all(EVALUATION_RULE in message for message in reported)
+    assert reported[0].startswith("docs_valset.jsonl trains: its name looks like an evaluation file's")
+    assert reported[0].endswith("rename it, e.g. to docs_valset_val.jsonl, if it should evaluate")
 
 
 def test_a_data_dir_mixes_formats_and_files(tmp_path):
@@ -140,6 +151,8 @@ def test_parquet_files_with_image_paths(tmp_path):
     assert evaluation[0].images[0].size == Image.open(tmp_path / "data" / "images" / "blue.png").size
     train, evaluation = load_conversations(config(eval_size=1, dataset_path=str(tmp_path / "data" / "train.parquet")))
     assert (len(train), len(evaluation)) == (1, 1)  # a single file: held out
+    train, _ = load_conversations(config(eval_size=0, dataset_path=str(tmp_path / "data" / "val.parquet")))
+    assert train[0].turns[0].assistant == "blue"  # a single file trains, whatever its name
 
 
 @pytest.mark.parametrize("bad, fragment", [
