@@ -36,6 +36,7 @@ from .run_directory import (
     record_run,
     resolve_checkpoint,
     run_identity,
+    run_summary,
 )
 from .task import Task, load_datasets
 from .trainer import FinetuningTrainer, release_training_state
@@ -104,7 +105,7 @@ def _finetune(task: Task, config: RunConfig, signals: StopSignals) -> dict[str, 
     output_dir = Path(outputs.output_dir)
     created_output_dir = not output_dir.exists()
     results = {}
-    report = objective.run_report(output_dir, identity, task.metric, eval_dataset, distributed)
+    report = objective.run_report(output_dir, run_summary(task.name, config), task.metric, eval_dataset, distributed)
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     preemption = PreemptionCallback(signals)

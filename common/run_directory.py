@@ -67,6 +67,17 @@ def run_identity(task_name: str, config: RunConfig) -> dict:
     return identity
 
 
+def run_summary(task_name: str, config: RunConfig) -> dict:
+    """The run in four settings, as a person names it (the evaluation report's heading): task, model, strategy, data."""
+    data_path = config.data.data_dir or config.data.train_file or config.data.dataset_path
+    return {
+        "task": task_name,
+        "model": config.model.name_or_path,
+        "strategy": config.strategy.name,
+        "data": str(Path(data_path).resolve()) if data_path else "hub",
+    }
+
+
 def _flatten(name: str, value, into: dict) -> None:
     if name in NOT_IDENTITY:
         return

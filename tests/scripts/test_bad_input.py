@@ -90,7 +90,8 @@ def assert_clean_failure(returncode: int, stderr: str, expected: list[str], outp
         assert fragment in message, f"{fragment!r} not in the last lines of stderr:\n{message}"
     # nothing half-written; what stays is complete and read back by the rerun (a data error found in training)
     left = {path.name for path in output_dir.iterdir()} if output_dir.exists() else set()
-    assert left <= {"eval_before.json", "run.json", "runs"}, sorted(output_dir.rglob("*"))
+    assert left <= {"eval_before.json", "eval_before.samples.jsonl", "evaluation.html", "run.json", "runs"}, sorted(
+        output_dir.rglob("*"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.__name__)

@@ -60,7 +60,10 @@ def test_the_report_holds_every_sample_and_the_eval_jsons_counts(runs, strategy)
     ids = [answer["id"] for answer in evals["after"]["answers_unique"]]
     references = [answer["answer"] for answer in evals["after"]["answers_unique"]]
     assert_samples_shown(data["samples"], ids, references)
-    assert data["identity"] == json.loads((output_dir / "run.json").read_text())
+    recorded = json.loads((output_dir / "run.json").read_text())  # the run's full identity
+    assert data["identity"] == {"task": recorded["task"], "model": recorded["model.name_or_path"],
+                                "strategy": {"lora": "LoRA", "full": "full finetuning"}[strategy],
+                                "data": recorded["data.data_dir"]}
     assert [(e["key"], e["score"], e["count"]) for e in data["evaluations"]] == [
         (when, evals[when]["accuracy"], NUM_EVAL) for when in ("before", "after")]
     classes = data["labels"]["classes"]
