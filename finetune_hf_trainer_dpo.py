@@ -9,7 +9,7 @@ image and question, learnt so that the better one becomes likelier relative to t
     torchrun --nproc_per_node=8 finetune_hf_trainer_dpo.py --dataset_path RLAIF-V-Dataset/ --freeze_vision_model \\
       --bf16 --output_dir runs/dpo-frozen                                # a frozen copy as the reference
 
-Data (--train_file/--eval_file, --data_dir with *_val* files evaluating, --dataset_path; each file in its own
+Data (--train_file/--eval_file, --data_dir split by file name as for conversations, --dataset_path; each file in its own
 format): TRL's preference records (`prompt`, `chosen`, `rejected`, `images`), LLaMA-Factory's sharegpt
 preference records (`conversations`, `chosen`/`rejected` as {from, value}, `images`) or RLAIF-V's rows
 (`question`, `chosen`, `rejected`, `image`); see docs/preference-tuning.md.

@@ -1,7 +1,7 @@
 """Where a preference run's pairs come from, each file (or dataset) in whichever of the three formats its first
 record is in, as conversations are read (common/formats):
 
-- `--train_file FILE` (and `--eval_file FILE`), or `--data_dir DIR` (its `*_val*` files evaluate);
+- `--train_file FILE` (and `--eval_file FILE`), or `--data_dir DIR` (config.EVALUATION_RULE says which files evaluate);
 - `--dataset_path`: a save_to_disk folder or parquet files whose rows are in one of the formats, images as
   paths or embedded (they are checked when the data loads without being decoded).
 Without evaluation pairs the first `--eval_size` training pairs are held out to evaluate.
