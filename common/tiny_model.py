@@ -18,6 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+from .logging_setup import quiet_libraries
 from .phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--num_crops", type=int, default=4, help="num_crops saved in preprocessor_config.json")
     args = parser.parse_args(argv)
+    quiet_libraries(verbose=False)  # a command's output is its own lines (DeepSpeed's probe, the saving bar)
     print(f"Wrote a tiny Phi-3-V to {write_tiny_phi3v(args.out_dir, args.seed, args.num_crops)}")
 
 

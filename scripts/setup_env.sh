@@ -55,8 +55,11 @@ if [ "$installed" != "$wanted" ]; then
         pip install --quiet --no-deps "torch==${wanted}" --index-url "$CPU_INDEX"
     fi
 fi
-if [ -n "$LOCK" ]; then
-    pip install --quiet -r "$LOCK"
-else
-    pip install --quiet -r requirements.txt
+# The rest once per set of requirements: a .venv that already holds them is left as it is (no pip run, nothing
+# printed); a changed lock or torch build installs again. Delete .venv/.installed to force a reinstall.
+requirements="${LOCK:-requirements.txt}"
+fingerprint="$wanted $(sha256sum "$requirements" | cut -d' ' -f1)"
+if [ "$(cat .venv/.installed 2>/dev/null)" != "$fingerprint" ]; then
+    pip install --quiet -r "$requirements"
+    echo "$fingerprint" > .venv/.installed
 fi

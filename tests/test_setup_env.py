@@ -32,9 +32,10 @@ case "$*" in *--no-index*) exit 1 ;; esac
 """
 
 
-def setup(tmp_path: Path, gpu: bool, torch: str | None, python: str = "3.11", **env: str) -> tuple[list[str], str]:
-    """Run a copy of setup_env.sh on a machine with or without a GPU, its .venv holding `torch` (a version, or None);
-    returns the pip commands it ran and what it printed."""
+def setup(tmp_path: Path, gpu: bool, torch: str | None, python: str = "3.11", runs: int = 1,
+          **env: str) -> tuple[list[str], str]:
+    """Run a copy of setup_env.sh `runs` times on a machine with or without a GPU, its .venv holding `torch` (a
+    version, or None); returns the pip commands it ran and what it printed."""
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     shutil.copy(REPO / "scripts" / "setup_env.sh", repo / "scripts")
@@ -57,9 +58,10 @@ def setup(tmp_path: Path, gpu: bool, torch: str | None, python: str = "3.11", **
     (tools / "nvidia-smi").chmod(0o755)
     environment = {key: value for key, value in os.environ.items() if key not in ("TORCH_VERSION", "REQUIREMENTS")}
     environment.update(PATH=f"{tools}{os.pathsep}{os.environ['PATH']}", **env)
-    done = subprocess.run(["bash", str(repo / "scripts" / "setup_env.sh")], env=environment, capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    for _ in range(runs):
+        done = subprocess.run(["bash", str(repo / "scripts" / "setup_env.sh")], env=environment, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
     log = venv_bin / "pip.log"
     return (log.read_text().splitlines() if log.exists() else []), done.stderr
 
@@ -73,6 +75,25 @@ def test_a_cpu_torch_is_replaced_by_the_cuda_build_on_a_gpu_node(tmp_path):
         "install --quiet -r requirements/lock-py3.11-cuda.txt",
     ]
     assert "replacing the CPU build of torch (2.13.0+cpu) with the CUDA build (2.13.0)" in said
+
+
+def test_a_venv_that_holds_the_lock_is_left_as_it_is(tmp_path):
+    """Once installed, the demo's and the tests' set-up runs no pip (nothing printed, no seconds spent resolving)."""
+    pip, said = setup(tmp_path, gpu=False, torch="2.13.0+cpu", runs=2)
+    assert pip == ["install --quiet -r requirements/lock-py3.11-cpu.txt"]
+    assert said == ""
+
+
+def test_a_changed_lock_installs_again(tmp_path):
+    setup(tmp_path, gpu=False, torch="2.13.0+cpu")
+    lock = tmp_path / "repo" / "requirements" / "lock-py3.11-cpu.txt"
+    lock.write_text(lock.read_text().replace("numpy==2.3.0", "numpy==2.3.1"))
+    environment = {key: value for key, value in os.environ.items() if key not in ("TORCH_VERSION", "REQUIREMENTS")}
+    environment["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    subprocess.run(["bash", str(tmp_path / "repo" / "scripts" / "setup_env.sh")], env=environment, check=True,
+                   timeout=60)
+    pip_log = tmp_path / "repo" / ".venv" / "bin" / "pip.log"
+    assert pip_log.read_text().splitlines() == ["install --quiet -r requirements/lock-py3.11-cpu.txt"] * 2
 
 
 def test_a_cuda_torch_on_a_gpu_node_is_kept(tmp_path):
