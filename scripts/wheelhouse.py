@@ -25,8 +25,9 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 REPO = Path(__file__).resolve().parent.parent
-# Not needed on the node: its own torch, the linter, and PyAV (only convert_ucf101.py decodes videos).
-NOT_SHIPPED = {"torch", "ruff", "av"}
+# Not needed on the node: its own torch, the linter, PyAV (only convert_ucf101.py decodes videos) and Playwright
+# (the page tests drive a browser; the GPU check runs none of them, and its driver alone is over 40 MB).
+NOT_SHIPPED = {"torch", "ruff", "av", "playwright"}
 # Any of these provides the `cv2` module that opencv-python-headless provides.
 OPENCV = {"opencv-python", "opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless"}
 # Published as source only: built here as pure-Python wheels (deepspeed compiles its ops at run time).
@@ -66,7 +67,8 @@ def _version_from_url(url: str) -> str | None:
 
 
 def needed_requirements(requirements: Path, node: dict[str, str], qlora: bool) -> list[Requirement]:
-    """requirements.txt less what the node never gets from us (torch, lint, video decoding, QLoRA if off)."""
+    """requirements.txt less what the node never gets from us (torch, lint, video decoding, the page tests' browser
+    driver, QLoRA if off)."""
     skipped = NOT_SHIPPED | (set() if qlora else {"bitsandbytes"})
     if OPENCV & set(node):
         skipped |= OPENCV

@@ -57,7 +57,7 @@ def test_wheelhouse_then_offline_gpu_check_leaves_the_node_untouched(node, tmp_p
     shipped = {row["name"]: row for row in manifest["wheels"]}
     assert {"transformers", "datasets", "deepspeed", "bitsandbytes"} <= set(shipped)
     assert shipped["transformers"]["why"] == "node has 5.17.0" and shipped["datasets"]["why"] == "absent on the node"
-    assert not {"torch", "triton", "ruff", "av", "numpy", "pyarrow", "accelerate"} & set(shipped)
+    assert not {"torch", "triton", "ruff", "av", "playwright", "numpy", "pyarrow", "accelerate"} & set(shipped)
     assert not any(name.startswith("nvidia") for name in shipped)
     assert shipped["deepspeed"]["wheel"].endswith("-py3-none-any.whl")
     here = set(sys_tags())

@@ -44,10 +44,11 @@ def test_read_freeze_errors_name_the_file(tmp_path):
         wheelhouse.read_freeze(empty)
 
 
-def test_needed_requirements_leave_out_torch_lint_video_and_what_the_node_provides(tmp_path):
+def test_needed_requirements_leave_out_torch_lint_video_the_browser_driver_and_what_the_node_provides(tmp_path):
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("# header\ntorch>=2.6,<2.14\ntransformers>=5.23,<6\nbitsandbytes>=0.50.2,<0.51\n"
-                            "opencv-python-headless>=4.10,<6\nav>=16,<20  # video\nruff>=0.17,<0.18\npytest>=9,<10\n")
+                            "opencv-python-headless>=4.10,<6\nav>=16,<20  # video\nruff>=0.17,<0.18\npytest>=9,<10\n"
+                            "playwright>=1.60,<2  # page tests\n")
     everything = wheelhouse.needed_requirements(requirements, {}, qlora=True)
     assert [r.name for r in everything] == ["transformers", "bitsandbytes", "opencv-python-headless", "pytest"]
     with_opencv = wheelhouse.needed_requirements(requirements, {"opencv-python": "4.11.0.86"}, qlora=False)
