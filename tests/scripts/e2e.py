@@ -89,7 +89,8 @@ class Result:
     stdout: str
     stderr: str
 
-    def tail(self, lines: int = 40) -> str:
+    def tail(self, lines: int = 150) -> str:
+        """The output's last lines: enough to hold a torchrun worker's own last lines above torchrun's summary."""
         return "\n".join((self.stdout + "\n--- stderr ---\n" + self.stderr).splitlines()[-lines:])
 
     def check(self) -> Result:
