@@ -50,6 +50,11 @@ class DataConfig:
     eval_file: str | None = None  # one conversation file to evaluate on (with train_file)
     image_folder: str | None = None  # where relative image paths of conversation data point
 
+    @property
+    def local_source(self) -> str | None:
+        """The local data the run reads (--data_dir, --train_file or --dataset_path; one at most), None: the hub."""
+        return self.data_dir or self.train_file or self.dataset_path
+
 
 @dataclass(frozen=True)
 class TrainingConfig:

@@ -245,7 +245,7 @@ def describe_run(task: Task, config: RunConfig, distributed: Distributed, train_
     output_dir = Path(config.outputs.output_dir)
     state = _read_json(output_dir / "trainer_state.json") or {}
     losses = [entry["train_loss"] for entry in state.get("log_history", []) if "train_loss" in entry]
-    local_data = config.data.data_dir or config.data.train_file or config.data.dataset_path
+    local_data = config.data.local_source
     datasets = () if local_data else task.hub_datasets(config.task_options)
     training = config.training
     hyperparameters = {

@@ -69,7 +69,7 @@ def run_identity(task_name: str, config: RunConfig) -> dict:
 
 def run_summary(task_name: str, config: RunConfig) -> dict:
     """The run in four settings, as a person names it (the evaluation report's heading): task, model, strategy, data."""
-    data_path = config.data.data_dir or config.data.train_file or config.data.dataset_path
+    data_path = config.data.local_source
     return {
         "task": task_name,
         "model": config.model.name_or_path,
