@@ -16,6 +16,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ..checkpoints import writing
 from ..data import SampleDataset
 from ..distributed import Distributed
 from ..evaluation import read_samples, sample_score
@@ -69,7 +70,9 @@ class RunReport:
                 score = json.loads(report_path.read_text()).get(self.metric.name)
                 evaluations.append(Evaluation(when, WHEN[when], score, records))
         title = f"{self.identity['task']} · {self.identity['strategy']}"
-        write_page(self.path, page_data(title, self.identity, self.metric.name, self.views, evaluations, self.curve))
+        data = page_data(title, self.identity, self.metric.name, self.views, evaluations, self.curve)
+        with writing("the evaluation report", self.path, self.path.parent):  # a full disk: one error, as for evaluations
+            write_page(self.path, data)
 
     def callback(self, during_training: TaskEvaluation | None) -> TrainerCallback:
         """The Trainer callback that rewrites the report after each evaluation during training (None: there are

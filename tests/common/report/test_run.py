@@ -3,6 +3,7 @@ JSONs) and the metric during training; only rank 0 writes; predict.py's report g
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,11 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
+from common import checkpoints
+from common.checkpoints import OutOfDiskSpaceError
 from common.data import Sample, SampleDataset, Turn
 from common.distributed import ONE_PROCESS, Distributed
 from common.evaluation import samples_path
 from common.inference import Answer
 from common.metrics import ACCURACY_BY_ID, ANLS
+from common.report import run as report_run
 from common.report.run import REPORT_FILE, RunReport, prediction_report_path, write_prediction_report
 from tests.common.report.test_page import embedded_data
 
@@ -37,6 +41,18 @@ def write_evaluation(path: Path, predictions: list[str]) -> None:
     samples_path(path).write_text("".join(json.dumps({"index": i, "id": f"val-{i}", "prediction": p,
                                                       "references": [r], "score": s}) + "\n"
                                           for i, (p, r, s) in enumerate(zip(predictions, references, scores, strict=True))))
+
+
+def test_a_full_disk_while_writing_the_report_is_one_error_naming_it(tmp_path, monkeypatch):
+    def no_space(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report_run, "write_page", no_space)
+    monkeypatch.setattr(checkpoints, "_free_bytes", lambda path: 0)
+    report = RunReport(tmp_path, IDENTITY, ACCURACY_BY_ID, dataset(), ONE_PROCESS)
+    write_evaluation(tmp_path / "eval_before.json", ["blue", "blue", "x", "x"])
+    with pytest.raises(OutOfDiskSpaceError, match="the evaluation report"):
+        report.evaluated("before", tmp_path / "eval_before.json")
 
 
 def test_the_report_follows_the_runs_evaluations(tmp_path):
